@@ -1,0 +1,187 @@
+"""One typed configuration object for a run, loaded from YAML with command-line overrides.
+
+Every section is a pydantic model that forbids unknown keys, so a typo fails before anything
+trains with a message naming the key. ``load_config("configs/x.yaml", ["input.batch_size=8"])``
+is the only way the CLI, the components and the tests build a `RunConfig`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from carclassifier.errors import ConfigError
+
+TransformSpec = dict[str, dict[str, Any]]
+"""One albumentations transform: ``{ClassName: {param: value}}`` (see `carclassifier.augment`)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the images are and how they are split."""
+
+    root: str | None = Field(
+        None,
+        description="Dataset folder (Kaggle layout, labels.csv or class folders). "
+        "None: the demo data (../shared/data/cars-ru10, else generated images).",
+    )
+    test_dir: str | None = Field(None, description="Unlabelled test images (default: found in root).")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of each class kept for validation.")
+    seed: int = Field(42, description="Seed of the train/validation split.")
+    min_images_per_class: int = Field(2, ge=1, description="Fewer usable images in any class stops the run.")
+
+
+def _default_train_transforms() -> list[TransformSpec]:
+    return [
+        {"RandomResizedCrop": {"scale": [0.6, 1.0], "ratio": [0.75, 1.333]}},
+        {"HorizontalFlip": {"p": 0.5}},
+        {"Affine": {"translate_percent": [-0.06, 0.06], "scale": [0.9, 1.1], "rotate": [-10, 10], "p": 0.5}},
+        {"RandomBrightnessContrast": {"brightness_limit": 0.2, "contrast_limit": 0.2, "p": 0.5}},
+        {"HueSaturationValue": {"hue_shift_limit": 10, "sat_shift_limit": 20, "val_shift_limit": 10, "p": 0.3}},
+        {"OneOf": {"transforms": [{"GaussianBlur": {"blur_limit": [3, 5]}}, {"GaussNoise": {}}], "p": 0.2}},
+        {"CoarseDropout": {"num_holes_range": [1, 4], "hole_height_range": [0.05, 0.15],
+                           "hole_width_range": [0.05, 0.15], "p": 0.3}},
+    ]
+
+
+def _default_tta_transforms() -> list[TransformSpec]:
+    return [
+        {"HorizontalFlip": {"p": 0.5}},
+        {"Affine": {"translate_percent": [-0.04, 0.04], "scale": [0.95, 1.05], "p": 0.7}},
+        {"RandomBrightnessContrast": {"brightness_limit": 0.1, "contrast_limit": 0.1, "p": 0.5}},
+    ]
+
+
+class AugmentConfig(_Section):
+    """albumentations pipelines: ``train`` (augmented), ``tta`` (mild, for test-time views)."""
+
+    train: list[TransformSpec] = Field(default_factory=_default_train_transforms)
+    tta: list[TransformSpec] = Field(default_factory=_default_tta_transforms)
+    tta_views: int = Field(5, ge=1, description="Augmented views averaged per image by TTA.")
+
+    @field_validator("train", "tta")
+    @classmethod
+    def _one_name_per_item(cls, value: list[TransformSpec]) -> list[TransformSpec]:
+        for item in value:
+            if not isinstance(item, dict) or len(item) != 1:
+                raise ValueError(
+                    "each transform is one mapping {Name: {params}}, e.g. {HorizontalFlip: {p: 0.5}}"
+                )
+        return value
+
+
+class InputConfig(_Section):
+    """How batches are made."""
+
+    pipeline: Literal["tf_data", "image_data_augmentor"] = Field(
+        "tf_data", description="tf_data (fast) or image_data_augmentor (the recipe's generator)."
+    )
+    image_size: int = Field(224, ge=32, description="Square input size in pixels.")
+    batch_size: int = Field(16, ge=1)
+    workers: int = Field(2, ge=1, description="Parallel decode/augment workers.")
+
+
+class HeadConfig(_Section):
+    """The classification head on top of the backbone."""
+
+    pooling: Literal["avg", "max"] = "avg"
+    dense_units: list[int] = Field(default_factory=list, description="Extra dense layers, e.g. [256].")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    batch_norm: bool = Field(True, description="BatchNormalization after each extra dense layer.")
+
+    @field_validator("dense_units")
+    @classmethod
+    def _positive_units(cls, value: list[int]) -> list[int]:
+        if any(units < 1 for units in value):
+            raise ValueError("dense layer sizes must be positive")
+        return value
+
+
+class ModelConfig(_Section):
+    """Backbone and head."""
+
+    backbone: str = Field("efficientnet_lite0", description="A name from carclassifier.backbones.")
+    weights: str | None = Field(
+        "imagenet", description="imagenet, null (random) or a weights file path / gs:// URI."
+    )
+    head: HeadConfig = Field(default_factory=HeadConfig)
+
+
+class RunConfig(_Section):
+    """Everything one run needs."""
+
+    name: str = Field("local", pattern=r"^[A-Za-z0-9_.-]+$")
+    output_dir: str = Field("runs/local", description="Local folder or gs:// prefix for outputs.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    input: InputConfig = Field(default_factory=InputConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    parts = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<top level>"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling against configs/*.yaml)"
+        parts.append(f"{key}: {message}")
+    return f"invalid config {source}: " + "; ".join(parts)
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r} is not KEY=VALUE, e.g. input.batch_size=8")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    node = data
+    *parents, leaf = key.strip().split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    """Validate a plain mapping into a `RunConfig`; errors name the offending key."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``KEY=VALUE`` overrides."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    for override in overrides or []:
+        _apply_override(data, override)
+    return config_from_dict(data, source)
+
+
+def dump_config(config: RunConfig) -> str:
+    """The config as YAML, as it would be loaded again (written next to every run's outputs)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

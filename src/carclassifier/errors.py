@@ -1,0 +1,33 @@
+"""Errors a user can cause. Each message says what is wrong and what to do.
+
+The CLI prints a `CarClassifierError` in one line and exits non-zero; any other exception is a
+bug and keeps its traceback.
+"""
+
+
+class CarClassifierError(Exception):
+    """Base class of every error the user can fix."""
+
+
+class ConfigError(CarClassifierError):
+    """A config file or command-line override is invalid."""
+
+
+class DatasetError(CarClassifierError):
+    """A dataset is missing, has the wrong layout, or cannot be trained on."""
+
+
+class CredentialsError(CarClassifierError):
+    """Credentials (Kaggle, cloud storage) are missing or unusable."""
+
+
+class DownloadError(CarClassifierError):
+    """A download failed (network, permissions, unknown competition)."""
+
+
+class BackboneError(CarClassifierError):
+    """An unknown backbone, a bad image size for it, or unusable weights."""
+
+
+class StorageError(CarClassifierError):
+    """A local path or gs:// URI cannot be read or written."""
