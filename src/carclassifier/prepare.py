@@ -1,0 +1,59 @@
+"""Prepare a run's data: find the dataset, validate every image, split, write the artefacts.
+
+This is what `carclassifier prepare` and the pipeline's prepare step call; every later stage
+reads the ``split.csv`` written here, so all stages train and validate on the very same images.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from carclassifier.config import RunConfig, dump_config
+from carclassifier.data import Dataset, ValidationReport, load_dataset, make_split, validate_dataset, write_split
+from carclassifier.demo_data import demo_dataset_root
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    """A validated dataset and its split."""
+
+    dataset: Dataset
+    report: ValidationReport
+    split: pd.DataFrame
+    split_path: Path
+
+    def subset(self, name: str) -> pd.DataFrame:
+        """Rows of the split in subset ``train`` or ``val``."""
+        return self.split[self.split["subset"] == name].reset_index(drop=True)
+
+
+def resolve_data_root(config: RunConfig) -> Path:
+    """``config.data.root``, or the demo dataset when it is None."""
+    if config.data.root is None:
+        return demo_dataset_root(Path(config.output_dir).parent / "demo-data")
+    return Path(config.data.root)
+
+
+def prepare_data(config: RunConfig, out_dir: str | Path, progress: bool = True) -> PreparedData:
+    """Load, validate (bad files excluded and listed), check trainability and write
+    ``config.yaml``, ``validation.json`` and ``split.csv`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+    dataset = load_dataset(resolve_data_root(config))
+    report = validate_dataset(dataset, workers=max(2, config.input.workers), progress=progress)
+    log.info("validation report: %s", report.write(out))
+    for line in report.summary().splitlines():
+        log.info("%s", line)
+    report.ensure_trainable(config.data.min_images_per_class)
+    split = make_split(report.usable, config.data.val_fraction, config.data.seed)
+    split_path = write_split(split, out / "split.csv")
+    counts = split["subset"].value_counts()
+    log.info("split: %d train / %d val images -> %s", counts.get("train", 0), counts.get("val", 0), split_path)
+    return PreparedData(dataset, report, split, split_path)
