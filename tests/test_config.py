@@ -1,0 +1,64 @@
+from pathlib import Path
+
+import pytest
+
+from carclassifier.config import RunConfig, dump_config, load_config
+from carclassifier.errors import ConfigError
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+
+
+def test_defaults_are_the_recipe_defaults():
+    config = load_config()
+    assert config.data.val_fraction == 0.2
+    assert config.model.backbone == "efficientnet_lite0"
+    assert config.input.pipeline == "tf_data"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load(path):
+    assert isinstance(load_config(path), RunConfig)
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("input:\n  batch_size: 4\n")
+    config = load_config(path, ["input.batch_size=8", "model.head.dense_units=[256, 64]", "data.root=/x"])
+    assert config.input.batch_size == 8
+    assert config.model.head.dense_units == [256, 64]
+    assert config.data.root == "/x"
+
+
+def test_round_trip_through_yaml(tmp_path):
+    config = load_config(None, ["model.head.dropout=0.5"])
+    path = tmp_path / "dumped.yaml"
+    path.write_text(dump_config(config))
+    assert load_config(path) == config
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("input.batch_sise=3", "input.batch_sise: unknown key"),
+        ("data.val_fraction=1.5", "data.val_fraction"),
+        ("input.batch_size=many", "input.batch_size"),
+        ("input.pipeline=keras", "input.pipeline"),
+        ("model.head.dense_units=[0]", "model.head.dense_units"),
+        ("nonsense", "not KEY=VALUE"),
+    ],
+)
+def test_bad_values_name_the_key(override, expected):
+    with pytest.raises(ConfigError, match=expected.replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("input: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(bad)
