@@ -12,8 +12,13 @@ from PIL import Image
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def write_image(path: Path, size: tuple[int, int] = (48, 40), mode: str = "RGB", seed: int = 0,
-                fmt: str = "JPEG") -> Path:
+def write_image(
+    path: Path,
+    size: tuple[int, int] = (48, 40),
+    mode: str = "RGB",
+    seed: int = 0,
+    fmt: str = "JPEG",
+) -> Path:
     """A small random image file (``size`` is width, height)."""
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
@@ -29,8 +34,9 @@ def write_image(path: Path, size: tuple[int, int] = (48, 40), mode: str = "RGB",
 def make_folder_dataset(tmp_path: Path):
     """Factory: class folders ``root/<class>/img_<i>.jpg`` with ``per_class`` images each."""
 
-    def make(classes: tuple[str, ...] = ("audi", "bmw", "lada"), per_class: int = 5,
-             name: str = "ds") -> Path:
+    def make(
+        classes: tuple[str, ...] = ("audi", "bmw", "lada"), per_class: int = 5, name: str = "ds"
+    ) -> Path:
         root = tmp_path / name
         for c, cls in enumerate(classes):
             for i in range(per_class):

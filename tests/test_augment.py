@@ -11,8 +11,14 @@ IMAGE = np.random.default_rng(0).integers(0, 255, (120, 90, 3), dtype=np.uint8)
 def test_default_train_augmentation_ends_at_the_size_and_changes_pixels():
     transform = train_transform(AugmentConfig(), 64, seed=1)
     names = [type(t).__name__ for t in transform.transforms]
-    for expected in ("RandomResizedCrop", "HorizontalFlip", "RandomBrightnessContrast",
-                     "HueSaturationValue", "OneOf", "CoarseDropout"):
+    for expected in (
+        "RandomResizedCrop",
+        "HorizontalFlip",
+        "RandomBrightnessContrast",
+        "HueSaturationValue",
+        "OneOf",
+        "CoarseDropout",
+    ):
         assert expected in names
     out = transform(image=IMAGE)["image"]
     assert out.shape == (64, 64, 3) and out.dtype == np.uint8
@@ -33,7 +39,9 @@ def test_validation_is_resize_only():
 
 
 def test_tta_and_nested_specs_from_config():
-    config = AugmentConfig(tta=[{"OneOf": {"transforms": [{"HorizontalFlip": {}}, {"VerticalFlip": {}}], "p": 1.0}}])
+    config = AugmentConfig(
+        tta=[{"OneOf": {"transforms": [{"HorizontalFlip": {}}, {"VerticalFlip": {}}], "p": 1.0}}]
+    )
     out = tta_transform(config, 40, seed=0)(image=IMAGE)["image"]
     assert out.shape == (40, 40, 3)
 

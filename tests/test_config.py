@@ -23,7 +23,9 @@ def test_shipped_configs_load(path):
 def test_overrides_are_typed_and_nested(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("input:\n  batch_size: 4\n")
-    config = load_config(path, ["input.batch_size=8", "model.head.dense_units=[256, 64]", "data.root=/x"])
+    config = load_config(
+        path, ["input.batch_size=8", "model.head.dense_units=[256, 64]", "data.root=/x"]
+    )
     assert config.input.batch_size == 8
     assert config.model.head.dense_units == [256, 64]
     assert config.data.root == "/x"

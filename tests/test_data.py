@@ -27,7 +27,10 @@ def test_folder_layout_labels_in_alphabetical_order(make_folder_dataset):
     assert ds.layout == "folders"
     assert ds.class_names == ["audi", "lada", "zaz"]
     assert set(zip(ds.records["class_name"], ds.records["label"], strict=True)) == {
-        ("audi", 0), ("lada", 1), ("zaz", 2)}
+        ("audi", 0),
+        ("lada", 1),
+        ("zaz", 2),
+    }
     assert ("not_an_image", "audi/notes.txt") in kinds(ds.findings)
     assert len(ds.records) == 6
 
@@ -35,13 +38,17 @@ def test_folder_layout_labels_in_alphabetical_order(make_folder_dataset):
 def make_kaggle_layout(root: Path) -> Path:
     for category in ("0", "1", "2"):
         for i in range(3):
-            write_image(root / "train" / category / f"{category}{i}.jpg", seed=int(category) * 10 + i)
+            write_image(
+                root / "train" / category / f"{category}{i}.jpg", seed=int(category) * 10 + i
+            )
     write_image(root / "train" / "1" / "orphan.jpg", seed=99)
     rows = [(f"{c}{i}.jpg", c) for c in ("0", "1", "2") for i in range(3)]
     rows += [("00.jpg", "0"), ("ghost.jpg", "2"), ("x.jpg", "12")]
     pd.DataFrame(rows, columns=["Id", "Category"]).to_csv(root / "train.csv", index=False)
     write_image(root / "test_upload" / "t1.jpg", seed=5)
-    pd.DataFrame({"Id": ["t1.jpg"], "Category": [0]}).to_csv(root / "sample_submission.csv", index=False)
+    pd.DataFrame({"Id": ["t1.jpg"], "Category": [0]}).to_csv(
+        root / "sample_submission.csv", index=False
+    )
     return root
 
 
@@ -88,7 +95,12 @@ def test_bad_images_are_excluded_and_listed_never_raised(make_folder_dataset):
     write_image(root / "lada" / "alpha.png", mode="RGBA", fmt="PNG")
     report = validate_dataset(load_dataset(root), workers=2, progress=False)
     excluded = dict(zip(report.excluded["path"], report.excluded["reason"], strict=True))
-    assert set(excluded) == {"audi/corrupt.jpg", "audi/truncated.jpg", "bmw/empty.jpg", "bmw/text.png"}
+    assert set(excluded) == {
+        "audi/corrupt.jpg",
+        "audi/truncated.jpg",
+        "bmw/empty.jpg",
+        "bmw/text.png",
+    }
     assert "truncated" in excluded["audi/truncated.jpg"]
     assert "0 bytes" in excluded["bmw/empty.jpg"]
     assert "not an image" in excluded["bmw/text.png"]

@@ -15,7 +15,9 @@ def split_dataset(make_folder_dataset):
 
 
 def config(pipeline):
-    return load_config(None, [f"input.pipeline={pipeline}", "input.image_size=32", "input.batch_size=4"])
+    return load_config(
+        None, [f"input.pipeline={pipeline}", "input.image_size=32", "input.batch_size=4"]
+    )
 
 
 def collect(batches):
@@ -28,7 +30,9 @@ def test_both_pipelines_give_identical_validation_batches(split_dataset):
     ds, split = split_dataset
     val = split[split["subset"] == "val"].reset_index(drop=True)
     fast = collect(make_inputs(config("tf_data"), ds.root, val, ds.class_names, training=False))
-    recipe = collect(make_inputs(config("image_data_augmentor"), ds.root, val, ds.class_names, training=False))
+    recipe = collect(
+        make_inputs(config("image_data_augmentor"), ds.root, val, ds.class_names, training=False)
+    )
     assert len(fast) == len(recipe) == 3  # 9 images in batches of 4
     for (xa, ya), (xb, yb) in zip(fast, recipe, strict=True):
         assert xa.dtype == xb.dtype == np.float32
@@ -43,7 +47,9 @@ def test_both_pipelines_agree_on_shapes_labels_and_range_when_augmenting(split_d
     train = split[split["subset"] == "train"].reset_index(drop=True)
     out = {}
     for pipeline in ("tf_data", "image_data_augmentor"):
-        batches = collect(make_inputs(config(pipeline), ds.root, train, ds.class_names, training=True))
+        batches = collect(
+            make_inputs(config(pipeline), ds.root, train, ds.class_names, training=True)
+        )
         x = np.concatenate([b[0] for b in batches])
         y = np.concatenate([b[1] for b in batches])
         assert x.shape == (9, 32, 32, 3) and x.dtype == np.float32
@@ -55,9 +61,15 @@ def test_both_pipelines_agree_on_shapes_labels_and_range_when_augmenting(split_d
 
 def test_recipe_interface_flow_from_directory_and_dataframe(make_folder_dataset):
     root = make_folder_dataset(classes=("b_cls", "a_cls"), per_class=3)
-    generator = ImageDataAugmentor(augment=train_transform(AugmentConfig(), 32, seed=0),
-                                   preprocess_input=lambda x: x - 127.0, rescale=1 / 128, seed=1)
-    flow = generator.flow_from_directory(root, target_size=(32, 32), batch_size=4, class_mode="sparse")
+    generator = ImageDataAugmentor(
+        augment=train_transform(AugmentConfig(), 32, seed=0),
+        preprocess_input=lambda x: x - 127.0,
+        rescale=1 / 128,
+        seed=1,
+    )
+    flow = generator.flow_from_directory(
+        root, target_size=(32, 32), batch_size=4, class_mode="sparse"
+    )
     assert flow.class_indices == {"a_cls": 0, "b_cls": 1}
     assert len(flow) == 2 and flow.samples == 6 and flow.num_classes == 2
     x, y = flow[0]

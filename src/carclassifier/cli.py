@@ -51,8 +51,13 @@ def cmd_eda(args: argparse.Namespace) -> None:
 
     config = _config(args)
     prepared = prepare_data(config, config.output_dir)
-    path = write_eda_report(prepared.report, Path(config.output_dir) / "eda", config.augment,
-                            config.input.image_size, seed=config.data.seed)
+    path = write_eda_report(
+        prepared.report,
+        Path(config.output_dir) / "eda",
+        config.augment,
+        config.input.image_size,
+        seed=config.data.seed,
+    )
     print(f"EDA report: {path}")
 
 
@@ -75,8 +80,9 @@ def cmd_run_local(args: argparse.Namespace) -> None:
     out = Path(config.output_dir)
     log.info("run-local: outputs in %s", out.resolve())
     prepared = prepare_data(config, out)
-    eda = write_eda_report(prepared.report, out / "eda", config.augment, config.input.image_size,
-                           seed=config.data.seed)
+    eda = write_eda_report(
+        prepared.report, out / "eda", config.augment, config.input.image_size, seed=config.data.seed
+    )
     log.info("EDA report: %s", eda)
     smoke_forward(config, prepared, out)
     print(f"run-local done: open {eda} ; smoke test in {out / 'smoke.json'}")
@@ -84,8 +90,12 @@ def cmd_run_local(args: argparse.Namespace) -> None:
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="run config YAML (default: built-in defaults)")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set input.batch_size=8 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set input.batch_size=8 (repeatable)",
+    )
     parser.add_argument("--data", help="dataset folder (overrides data.root)")
     parser.add_argument("--out", help="output folder (overrides output_dir)")
 
@@ -109,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_eda)
 
-    p = sub.add_parser("download-kaggle", help="download sf-dl-car-classification with the kaggle package")
+    p = sub.add_parser(
+        "download-kaggle", help="download sf-dl-car-classification with the kaggle package"
+    )
     p.add_argument("--dest", required=True, help="folder to download and unzip into")
     p.add_argument("--competition", default="sf-dl-car-classification")
     p.add_argument("--force", action="store_true", help="download again even if present")
@@ -125,8 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``carclassifier`` command."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     try:
         args.func(args)
     except CarClassifierError as exc:

@@ -31,22 +31,53 @@ class DataConfig(_Section):
         description="Dataset folder (Kaggle layout, labels.csv or class folders). "
         "None: the demo data (../shared/data/cars-ru10, else generated images).",
     )
-    test_dir: str | None = Field(None, description="Unlabelled test images (default: found in root).")
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Share of each class kept for validation.")
+    test_dir: str | None = Field(
+        None, description="Unlabelled test images (default: found in root)."
+    )
+    val_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="Share of each class kept for validation."
+    )
     seed: int = Field(42, description="Seed of the train/validation split.")
-    min_images_per_class: int = Field(2, ge=1, description="Fewer usable images in any class stops the run.")
+    min_images_per_class: int = Field(
+        2, ge=1, description="Fewer usable images in any class stops the run."
+    )
 
 
 def _default_train_transforms() -> list[TransformSpec]:
     return [
         {"RandomResizedCrop": {"scale": [0.6, 1.0], "ratio": [0.75, 1.333]}},
         {"HorizontalFlip": {"p": 0.5}},
-        {"Affine": {"translate_percent": [-0.06, 0.06], "scale": [0.9, 1.1], "rotate": [-10, 10], "p": 0.5}},
+        {
+            "Affine": {
+                "translate_percent": [-0.06, 0.06],
+                "scale": [0.9, 1.1],
+                "rotate": [-10, 10],
+                "p": 0.5,
+            }
+        },
         {"RandomBrightnessContrast": {"brightness_limit": 0.2, "contrast_limit": 0.2, "p": 0.5}},
-        {"HueSaturationValue": {"hue_shift_limit": 10, "sat_shift_limit": 20, "val_shift_limit": 10, "p": 0.3}},
-        {"OneOf": {"transforms": [{"GaussianBlur": {"blur_limit": [3, 5]}}, {"GaussNoise": {}}], "p": 0.2}},
-        {"CoarseDropout": {"num_holes_range": [1, 4], "hole_height_range": [0.05, 0.15],
-                           "hole_width_range": [0.05, 0.15], "p": 0.3}},
+        {
+            "HueSaturationValue": {
+                "hue_shift_limit": 10,
+                "sat_shift_limit": 20,
+                "val_shift_limit": 10,
+                "p": 0.3,
+            }
+        },
+        {
+            "OneOf": {
+                "transforms": [{"GaussianBlur": {"blur_limit": [3, 5]}}, {"GaussNoise": {}}],
+                "p": 0.2,
+            }
+        },
+        {
+            "CoarseDropout": {
+                "num_holes_range": [1, 4],
+                "hole_height_range": [0.05, 0.15],
+                "hole_width_range": [0.05, 0.15],
+                "p": 0.3,
+            }
+        },
     ]
 
 
@@ -91,7 +122,9 @@ class HeadConfig(_Section):
     """The classification head on top of the backbone."""
 
     pooling: Literal["avg", "max"] = "avg"
-    dense_units: list[int] = Field(default_factory=list, description="Extra dense layers, e.g. [256].")
+    dense_units: list[int] = Field(
+        default_factory=list, description="Extra dense layers, e.g. [256]."
+    )
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     batch_norm: bool = Field(True, description="BatchNormalization after each extra dense layer.")
 
@@ -175,7 +208,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config {path} must be a mapping of sections, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"config {path} must be a mapping of sections, got {type(loaded).__name__}"
+            )
         data = loaded
     for override in overrides or []:
         _apply_override(data, override)

@@ -78,7 +78,9 @@ def _records(rows: Iterable[tuple[str, str, int, str]]) -> pd.DataFrame:
 
 def _files_in_class_folders(base: Path, class_names: list[str]) -> dict[str, list[Path]]:
     return {
-        name: sorted(p for p in (base / name).iterdir() if p.is_file() and not p.name.startswith("."))
+        name: sorted(
+            p for p in (base / name).iterdir() if p.is_file() and not p.name.startswith(".")
+        )
         for name in class_names
         if (base / name).is_dir()
     }
@@ -106,17 +108,25 @@ def _find_test_dir(root: Path) -> Path | None:
     return None
 
 
-def _check_duplicates(frame: pd.DataFrame, column: str, csv: Path, findings: list[Finding]) -> pd.DataFrame:
+def _check_duplicates(
+    frame: pd.DataFrame, column: str, csv: Path, findings: list[Finding]
+) -> pd.DataFrame:
     duplicated = frame[column].duplicated(keep="first")
     for value in frame.loc[duplicated, column]:
         findings.append(
-            Finding("duplicate_id", "error", str(value),
-                    f"{csv.name} lists {value!r} more than once; only the first row is used")
+            Finding(
+                "duplicate_id",
+                "error",
+                str(value),
+                f"{csv.name} lists {value!r} more than once; only the first row is used",
+            )
         )
     return frame.loc[~duplicated]
 
 
-def _orphans(files: dict[str, list[Path]], listed: set[Path], root: Path, csv: Path) -> list[Finding]:
+def _orphans(
+    files: dict[str, list[Path]], listed: set[Path], root: Path, csv: Path
+) -> list[Finding]:
     findings = []
     for paths in files.values():
         for path in paths:
@@ -137,9 +147,14 @@ def _load_kaggle(root: Path) -> Dataset:
     if (train_dir / "train").is_dir():  # unzipped as train/train/<class>
         train_dir = train_dir / "train"
     if not train_dir.is_dir():
-        raise DatasetError(f"{root} has train.csv but no train/ folder; unzip train.zip into {root}")
+        raise DatasetError(
+            f"{root} has train.csv but no train/ folder; unzip train.zip into {root}"
+        )
     folders = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-    labels = sorted({*folders, *frame["Category"]}, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
+    labels = sorted(
+        {*folders, *frame["Category"]},
+        key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v),
+    )
     class_names = [c for c in labels if c.isdigit() and c in folders] or folders
     findings: list[Finding] = []
     frame = _check_duplicates(frame, "Id", csv, findings)
@@ -147,20 +162,39 @@ def _load_kaggle(root: Path) -> Dataset:
     rows, listed = [], set()
     for image_id, category in zip(frame["Id"], frame["Category"], strict=True):
         if category not in class_names:
-            findings.append(Finding("unknown_label", "error", image_id,
-                                    f"Category {category!r} is not one of the classes {class_names}"))
+            findings.append(
+                Finding(
+                    "unknown_label",
+                    "error",
+                    image_id,
+                    f"Category {category!r} is not one of the classes {class_names}",
+                )
+            )
             continue
         path = train_dir / category / image_id
         if not path.is_file():
-            findings.append(Finding("missing_file", "error", image_id,
-                                    f"listed in train.csv but {path.relative_to(root)} does not exist"))
+            findings.append(
+                Finding(
+                    "missing_file",
+                    "error",
+                    image_id,
+                    f"listed in train.csv but {path.relative_to(root)} does not exist",
+                )
+            )
             continue
         listed.add(path)
         rows.append((image_id, str(path.relative_to(root)), class_names.index(category), category))
     findings += _orphans(files, listed, root, csv)
     sample = root / "sample_submission.csv"
-    return Dataset(root, "kaggle", class_names, _records(rows), _find_test_dir(root),
-                   sample if sample.is_file() else None, findings)
+    return Dataset(
+        root,
+        "kaggle",
+        class_names,
+        _records(rows),
+        _find_test_dir(root),
+        sample if sample.is_file() else None,
+        findings,
+    )
 
 
 def _load_labels_csv(root: Path) -> Dataset:
@@ -176,22 +210,34 @@ def _load_labels_csv(root: Path) -> Dataset:
     rows, listed = [], set()
     for rel, name, class_id in zip(frame["path"], frame["class_name"], ids, strict=True):
         if pd.isna(class_id) or name not in class_names or class_names.index(name) != int(class_id):
-            findings.append(Finding("unknown_label", "error", rel,
-                                    f"class {name!r}/{class_id} does not match the class list {class_names}"))
+            findings.append(
+                Finding(
+                    "unknown_label",
+                    "error",
+                    rel,
+                    f"class {name!r}/{class_id} does not match the class list {class_names}",
+                )
+            )
             continue
         path = root / rel
         if not path.is_file():
-            findings.append(Finding("missing_file", "error", rel, f"listed in {csv.name} but does not exist"))
+            findings.append(
+                Finding("missing_file", "error", rel, f"listed in {csv.name} but does not exist")
+            )
             continue
         listed.add(path)
         rows.append((Path(rel).stem, rel, int(class_id), name))
     findings += _orphans(_files_in_class_folders(root, folders), listed, root, csv)
-    return Dataset(root, "labels_csv", class_names, _records(rows), _find_test_dir(root), None, findings)
+    return Dataset(
+        root, "labels_csv", class_names, _records(rows), _find_test_dir(root), None, findings
+    )
 
 
 def _load_folders(root: Path) -> Dataset:
     class_names = sorted(
-        p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in TEST_DIR_NAMES
+        p.name
+        for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and p.name not in TEST_DIR_NAMES
     )
     if not class_names:
         raise DatasetError(
@@ -206,15 +252,21 @@ def _load_folders(root: Path) -> Dataset:
             if is_image_name(path):
                 rows.append((path.stem, rel, label, name))
             else:
-                findings.append(Finding("not_an_image", "warning", rel, "not an image file: ignored"))
-    return Dataset(root, "folders", class_names, _records(rows), _find_test_dir(root), None, findings)
+                findings.append(
+                    Finding("not_an_image", "warning", rel, "not an image file: ignored")
+                )
+    return Dataset(
+        root, "folders", class_names, _records(rows), _find_test_dir(root), None, findings
+    )
 
 
 def load_dataset(root: str | Path) -> Dataset:
     """Read a dataset folder in any supported layout (see the module docstring)."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
-        raise DatasetError(f"dataset folder {root} does not exist; pass --data DIR or set data.root")
+        raise DatasetError(
+            f"dataset folder {root} does not exist; pass --data DIR or set data.root"
+        )
     if (root / "train.csv").is_file():
         dataset = _load_kaggle(root)
     elif (root / "labels.csv").is_file():
@@ -224,10 +276,20 @@ def load_dataset(root: str | Path) -> Dataset:
     for name in dataset.class_names:
         if not (dataset.records["class_name"] == name).any():
             dataset.findings.append(
-                Finding("empty_class", "error", name, f"class {name!r} has no images; add images or remove the class")
+                Finding(
+                    "empty_class",
+                    "error",
+                    name,
+                    f"class {name!r} has no images; add images or remove the class",
+                )
             )
-    log.info("dataset %s: layout %s, %d classes, %d images listed",
-             root, dataset.layout, len(dataset.class_names), len(dataset.records))
+    log.info(
+        "dataset %s: layout %s, %d classes, %d images listed",
+        root,
+        dataset.layout,
+        len(dataset.class_names),
+        len(dataset.records),
+    )
     return dataset
 
 
@@ -258,8 +320,13 @@ def inspect_image(path: str | Path) -> ImageInfo:
         with Image.open(path) as image:
             width, height, mode = image.width, image.height, image.mode
             if width * height > MAX_IMAGE_PIXELS:
-                return ImageInfo(width, height, mode, size,
-                                 f"{width}x{height} px is over the {MAX_IMAGE_PIXELS:,} pixel limit")
+                return ImageInfo(
+                    width,
+                    height,
+                    mode,
+                    size,
+                    f"{width}x{height} px is over the {MAX_IMAGE_PIXELS:,} pixel limit",
+                )
             image.load()  # a truncated or corrupt file fails here
     except UnidentifiedImageError:
         return ImageInfo(bytes=size, error="not an image (unknown format)")
@@ -342,8 +409,15 @@ def validate_dataset(dataset: Dataset, workers: int = 4, progress: bool = True) 
     """Decode every listed image; exclude and report what cannot be used. Never raises on bad files."""
     paths = dataset.absolute_paths()
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        infos = list(tqdm(pool.map(inspect_image, paths), total=len(paths), desc="validating images",
-                          disable=not progress, unit="img"))
+        infos = list(
+            tqdm(
+                pool.map(inspect_image, paths),
+                total=len(paths),
+                desc="validating images",
+                disable=not progress,
+                unit="img",
+            )
+        )
     findings = list(dataset.findings)
     records = dataset.records.copy()
     records["width"] = [i.width for i in infos]
@@ -353,27 +427,55 @@ def validate_dataset(dataset: Dataset, workers: int = 4, progress: bool = True) 
     bad = [i.error is not None for i in infos]
     for rel, info in zip(records["path"], infos, strict=True):
         if info.error is not None:
-            kind = "not_an_image" if info.error.startswith("not an image") else (
-                "empty_file" if info.error.startswith("empty") else (
-                    "too_large" if "pixel limit" in info.error else "corrupt_image"))
+            kind = (
+                "not_an_image"
+                if info.error.startswith("not an image")
+                else (
+                    "empty_file"
+                    if info.error.startswith("empty")
+                    else ("too_large" if "pixel limit" in info.error else "corrupt_image")
+                )
+            )
             findings.append(Finding(kind, "error", rel, f"{info.error}: excluded"))
         elif info.mode != "RGB":
-            findings.append(Finding("not_rgb", "warning", rel,
-                                    f"mode {info.mode} (not RGB): converted to RGB when loaded"))
-    excluded_prior = [f for f in dataset.findings if f.severity == "error" and f.kind != "empty_class"]
+            findings.append(
+                Finding(
+                    "not_rgb",
+                    "warning",
+                    rel,
+                    f"mode {info.mode} (not RGB): converted to RGB when loaded",
+                )
+            )
+    excluded_prior = [
+        f for f in dataset.findings if f.severity == "error" and f.kind != "empty_class"
+    ]
     excluded = pd.DataFrame(
         [{"path": f.path, "reason": f.message} for f in excluded_prior]
-        + [{"path": r, "reason": i.error} for r, i in zip(records["path"], infos, strict=True) if i.error],
+        + [
+            {"path": r, "reason": i.error}
+            for r, i in zip(records["path"], infos, strict=True)
+            if i.error
+        ],
         columns=["path", "reason"],
     )
     usable = records.loc[[not b for b in bad]].reset_index(drop=True)
     report = ValidationReport(dataset, usable, excluded, findings)
     for name, count in report.class_counts.items():
         if count == 0 and (dataset.records["class_name"] == name).any():
-            findings.append(Finding("empty_class", "error", name,
-                                    f"class {name!r} has no usable images left after exclusions"))
-    log.info("validation: %d usable, %d excluded, %d warnings", len(usable), len(excluded),
-             sum(f.severity == "warning" for f in findings))
+            findings.append(
+                Finding(
+                    "empty_class",
+                    "error",
+                    name,
+                    f"class {name!r} has no usable images left after exclusions",
+                )
+            )
+    log.info(
+        "validation: %d usable, %d excluded, %d warnings",
+        len(usable),
+        len(excluded),
+        sum(f.severity == "warning" for f in findings),
+    )
     return report
 
 

@@ -20,7 +20,11 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 def shared_dir() -> Path | None:
     """The shared folder (``$CARCLASSIFIER_SHARED_DATA`` or ``../shared`` beside the project)."""
-    candidates = [os.environ.get(SHARED_DATA_ENV), Path.cwd().parent / "shared", PROJECT_ROOT.parent / "shared"]
+    candidates = [
+        os.environ.get(SHARED_DATA_ENV),
+        Path.cwd().parent / "shared",
+        PROJECT_ROOT.parent / "shared",
+    ]
     for candidate in candidates:
         if candidate and (Path(candidate) / REAL_DEMO).is_dir():
             return Path(candidate)
@@ -33,8 +37,9 @@ def real_demo_root() -> Path | None:
     return shared / REAL_DEMO if shared else None
 
 
-def generate_synthetic_dataset(dest: str | Path, classes: int = 10, per_class: int = 12,
-                               size: int = 160, seed: int = 0) -> Path:
+def generate_synthetic_dataset(
+    dest: str | Path, classes: int = 10, per_class: int = 12, size: int = 160, seed: int = 0
+) -> Path:
     """Draw a labelled class-folder dataset of toy "cars" (a body and two wheels whose colour,
     proportions and roof differ by class). Returns ``dest``; drawing is skipped if it exists."""
     dest = Path(dest)
@@ -47,7 +52,9 @@ def generate_synthetic_dataset(dest: str | Path, classes: int = 10, per_class: i
         folder.mkdir(parents=True, exist_ok=True)
         hue = int(255 * label / classes)
         for index in range(per_class):
-            canvas = Image.new("HSV", (size, size), (int(rng.integers(0, 255)), 40, 200)).convert("RGB")
+            canvas = Image.new("HSV", (size, size), (int(rng.integers(0, 255)), 40, 200)).convert(
+                "RGB"
+            )
             draw = ImageDraw.Draw(canvas)
             body_h = size * (0.18 + 0.02 * (label % 4))
             x0, y0 = size * rng.uniform(0.05, 0.15), size * rng.uniform(0.4, 0.5)
@@ -55,9 +62,15 @@ def generate_synthetic_dataset(dest: str | Path, classes: int = 10, per_class: i
             colour = Image.new("HSV", (1, 1), (hue, 220, 220)).convert("RGB").getpixel((0, 0))
             draw.rectangle([x0, y0, x1, y0 + body_h], fill=colour)
             roof = 0.3 + 0.05 * (label % 5)
-            draw.polygon([(x0 + (x1 - x0) * 0.2, y0), (x0 + (x1 - x0) * 0.35, y0 - body_h * roof * 2),
-                          (x0 + (x1 - x0) * 0.7, y0 - body_h * roof * 2), (x0 + (x1 - x0) * 0.85, y0)],
-                         fill=colour)
+            draw.polygon(
+                [
+                    (x0 + (x1 - x0) * 0.2, y0),
+                    (x0 + (x1 - x0) * 0.35, y0 - body_h * roof * 2),
+                    (x0 + (x1 - x0) * 0.7, y0 - body_h * roof * 2),
+                    (x0 + (x1 - x0) * 0.85, y0),
+                ],
+                fill=colour,
+            )
             r = size * 0.07
             for cx in (x0 + (x1 - x0) * 0.2, x0 + (x1 - x0) * 0.8):
                 draw.ellipse([cx - r, y0 + body_h - r, cx + r, y0 + body_h + r], fill=(20, 20, 20))
@@ -73,6 +86,9 @@ def demo_dataset_root(work_dir: str | Path = "runs/demo-data") -> Path:
         log.info("demo data: real car photos at %s", real)
         return real
     target = Path(work_dir) / "synthetic"
-    log.warning("demo data: ../shared/data/cars-ru10 not found — using GENERATED toy images at %s "
-                "(not photos; accuracy on them means nothing)", target)
+    log.warning(
+        "demo data: ../shared/data/cars-ru10 not found — using GENERATED toy images at %s "
+        "(not photos; accuracy on them means nothing)",
+        target,
+    )
     return generate_synthetic_dataset(target)

@@ -102,8 +102,9 @@ class DataFrameIterator(keras.utils.PyDataset):
         use_multiprocessing: bool = False,
         max_queue_size: int = 10,
     ) -> None:
-        super().__init__(workers=workers, use_multiprocessing=use_multiprocessing,
-                         max_queue_size=max_queue_size)
+        super().__init__(
+            workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size
+        )
         self.filepaths = list(filepaths)
         self.labels = np.asarray(labels)
         self.class_indices = dict(class_indices)
@@ -133,7 +134,9 @@ class DataFrameIterator(keras.utils.PyDataset):
     def _order(self) -> np.ndarray:
         if not self.shuffle:
             return np.arange(self.n)
-        return np.random.default_rng(None if self.seed is None else self.seed + self.epoch).permutation(self.n)
+        return np.random.default_rng(
+            None if self.seed is None else self.seed + self.epoch
+        ).permutation(self.n)
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.batch_size)
@@ -150,8 +153,9 @@ class DataFrameIterator(keras.utils.PyDataset):
         self.index_array = self._order()
 
 
-def _label_values(frame: pd.DataFrame, y_col: str, classes: Sequence[str] | None,
-                  class_mode: ClassMode) -> tuple[np.ndarray, dict[str, int]]:
+def _label_values(
+    frame: pd.DataFrame, y_col: str, classes: Sequence[str] | None, class_mode: ClassMode
+) -> tuple[np.ndarray, dict[str, int]]:
     if class_mode == "raw":
         return frame[y_col].to_numpy(), {}
     names = list(classes) if classes is not None else sorted(frame[y_col].astype(str).unique())
@@ -171,9 +175,13 @@ class ImageDataAugmentor:
     ``rescale`` a factor applied last (as in Keras' old ImageDataGenerator).
     """
 
-    def __init__(self, augment: Transform | None = None,
-                 preprocess_input: Callable[[np.ndarray], np.ndarray] | None = None,
-                 rescale: float | None = None, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        augment: Transform | None = None,
+        preprocess_input: Callable[[np.ndarray], np.ndarray] | None = None,
+        rescale: float | None = None,
+        seed: int | None = None,
+    ) -> None:
         self.augment = augment
         self.preprocess_input = preprocess_input
         self.rescale = rescale
@@ -198,26 +206,51 @@ class ImageDataAugmentor:
         """Batches from ``dataframe[x_col]`` (paths, relative to ``directory`` if given)."""
         for column in (x_col, y_col):
             if column not in dataframe.columns:
-                raise ValueError(f"column {column!r} not in dataframe (has {list(dataframe.columns)})")
+                raise ValueError(
+                    f"column {column!r} not in dataframe (has {list(dataframe.columns)})"
+                )
         base = Path(directory) if directory is not None else None
         paths = [str(base / p) if base else str(p) for p in dataframe[x_col]]
         labels, indices = _label_values(dataframe, y_col, classes, class_mode)
         maker = ExampleMaker(target_size, self.augment, self.preprocess_input, self.rescale)
-        return DataFrameIterator(paths, labels, indices, maker, batch_size, shuffle,
-                                 self.seed if seed is None else seed, class_mode,
-                                 workers, use_multiprocessing, max_queue_size)
+        return DataFrameIterator(
+            paths,
+            labels,
+            indices,
+            maker,
+            batch_size,
+            shuffle,
+            self.seed if seed is None else seed,
+            class_mode,
+            workers,
+            use_multiprocessing,
+            max_queue_size,
+        )
 
-    def flow_from_directory(self, directory: str | Path, target_size: tuple[int, int] = (256, 256),
-                            classes: Sequence[str] | None = None, **kwargs: Any) -> DataFrameIterator:
+    def flow_from_directory(
+        self,
+        directory: str | Path,
+        target_size: tuple[int, int] = (256, 256),
+        classes: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> DataFrameIterator:
         """Batches from ``directory/<class>/<image>`` (classes in alphabetical order by default)."""
         directory = Path(directory)
-        names = list(classes) if classes is not None else sorted(
-            p.name for p in directory.iterdir() if p.is_dir())
-        rows = [(str(p.relative_to(directory)), name) for name in names
-                for p in sorted((directory / name).iterdir()) if p.is_file() and is_image_name(p)]
+        names = (
+            list(classes)
+            if classes is not None
+            else sorted(p.name for p in directory.iterdir() if p.is_dir())
+        )
+        rows = [
+            (str(p.relative_to(directory)), name)
+            for name in names
+            for p in sorted((directory / name).iterdir())
+            if p.is_file() and is_image_name(p)
+        ]
         frame = pd.DataFrame(rows, columns=["filename", "class"])
-        return self.flow_from_dataframe(frame, directory, "filename", "class", target_size,
-                                        classes=names, **kwargs)
+        return self.flow_from_dataframe(
+            frame, directory, "filename", "class", target_size, classes=names, **kwargs
+        )
 
 
 def make_tf_dataset(
@@ -266,10 +299,26 @@ def make_inputs(
         generator = ImageDataAugmentor(augment=transform, seed=seed)
         frame = frame.assign(class_name=[class_names[i] for i in frame["label"]])
         return generator.flow_from_dataframe(
-            frame, root, "path", "class_name", (size, size), classes=class_names,
-            class_mode=class_mode, batch_size=config.input.batch_size, shuffle=training,
-            workers=config.input.workers)
+            frame,
+            root,
+            "path",
+            "class_name",
+            (size, size),
+            classes=class_names,
+            class_mode=class_mode,
+            batch_size=config.input.batch_size,
+            shuffle=training,
+            workers=config.input.workers,
+        )
     maker = ExampleMaker((size, size), transform)
     paths = [str(Path(root) / p) for p in frame["path"]]
-    return make_tf_dataset(paths, frame["label"].to_numpy(), len(class_names), maker,
-                           config.input.batch_size, training, seed, class_mode)
+    return make_tf_dataset(
+        paths,
+        frame["label"].to_numpy(),
+        len(class_names),
+        maker,
+        config.input.batch_size,
+        training,
+        seed,
+        class_mode,
+    )

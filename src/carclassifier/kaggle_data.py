@@ -40,7 +40,9 @@ def find_credentials() -> str | None:
         try:
             values = json.loads(json_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise CredentialsError(f"{json_file} is not valid JSON ({exc}); download it again") from None
+            raise CredentialsError(
+                f"{json_file} is not valid JSON ({exc}); download it again"
+            ) from None
         if not (isinstance(values, dict) and values.get("username") and values.get("key")):
             raise CredentialsError(f"{json_file} lacks 'username' and 'key'; download it again")
         return str(json_file)
@@ -60,16 +62,22 @@ def extract_archives(folder: Path) -> None:
                 for member in zf.namelist():
                     target = (folder / member).resolve()
                     if not target.is_relative_to(folder.resolve()):
-                        raise DatasetError(f"{archive} holds an unsafe path {member!r}; not extracting it")
+                        raise DatasetError(
+                            f"{archive} holds an unsafe path {member!r}; not extracting it"
+                        )
                 zf.extractall(folder)
                 inner = [folder / n for n in zf.namelist() if n.endswith(".zip")]
         except zipfile.BadZipFile:
-            raise DatasetError(f"{archive} is not a valid zip (interrupted download?); delete it and retry") from None
+            raise DatasetError(
+                f"{archive} is not a valid zip (interrupted download?); delete it and retry"
+            ) from None
         archive.unlink()
         pending.extend(p for p in inner if p.is_file())
 
 
-def download_competition(dest: str | Path, competition: str = COMPETITION, force: bool = False) -> Dataset:
+def download_competition(
+    dest: str | Path, competition: str = COMPETITION, force: bool = False
+) -> Dataset:
     """Download ``competition`` into ``dest``, unzip it and return the loaded dataset.
 
     Raises `CredentialsError` without credentials and `DownloadError` when Kaggle cannot be
@@ -80,14 +88,18 @@ def download_competition(dest: str | Path, competition: str = COMPETITION, force
         raise CredentialsError(CREDENTIALS_HELP)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    log.info("downloading Kaggle competition %s into %s (credentials from %s)", competition, dest, source)
+    log.info(
+        "downloading Kaggle competition %s into %s (credentials from %s)", competition, dest, source
+    )
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints auth help on import
         from kaggle.api.kaggle_api_extended import KaggleApi
     api = KaggleApi()
     try:
         api.authenticate()
     except SystemExit:
-        raise CredentialsError(f"Kaggle rejected the credentials from {source}; {CREDENTIALS_HELP}") from None
+        raise CredentialsError(
+            f"Kaggle rejected the credentials from {source}; {CREDENTIALS_HELP}"
+        ) from None
     try:
         api.competition_download_files(competition, path=str(dest), force=force, quiet=False)
     except Exception as exc:  # the client raises requests/urllib3/HTTP errors of many kinds
@@ -95,9 +107,12 @@ def download_competition(dest: str | Path, competition: str = COMPETITION, force
         hint = (
             "accept the competition rules on its Kaggle page first"
             if "403" in text
-            else "check the competition name" if "404" in text
+            else "check the competition name"
+            if "404" in text
             else "check the network connection (or download the data elsewhere and pass --data DIR)"
         )
-        raise DownloadError(f"download of {competition} failed ({type(exc).__name__}): {hint}") from None
+        raise DownloadError(
+            f"download of {competition} failed ({type(exc).__name__}): {hint}"
+        ) from None
     extract_archives(dest)
     return load_dataset(dest)

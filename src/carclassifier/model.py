@@ -25,7 +25,11 @@ def build_classifier(config: ModelConfig, num_classes: int, image_size: int) -> 
     head = config.head
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = backbone(inputs, training=False)
-    pool = keras.layers.GlobalAveragePooling2D if head.pooling == "avg" else keras.layers.GlobalMaxPooling2D
+    pool = (
+        keras.layers.GlobalAveragePooling2D
+        if head.pooling == "avg"
+        else keras.layers.GlobalMaxPooling2D
+    )
     x = pool(name="head_pool")(x)
     for i, units in enumerate(head.dense_units):
         x = keras.layers.Dense(units, use_bias=not head.batch_norm, name=f"head_dense_{i}")(x)
@@ -34,6 +38,7 @@ def build_classifier(config: ModelConfig, num_classes: int, image_size: int) -> 
         x = keras.layers.Activation("relu", name=f"head_relu_{i}")(x)
         x = keras.layers.Dropout(head.dropout, name=f"head_dropout_{i}")(x)
     x = keras.layers.Dropout(head.dropout, name="head_dropout")(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
-                                 name="predictions")(x)
+    outputs = keras.layers.Dense(
+        num_classes, activation="softmax", dtype="float32", name="predictions"
+    )(x)
     return keras.Model(inputs, outputs, name=f"{config.backbone}_classifier")

@@ -13,7 +13,14 @@ from pathlib import Path
 import pandas as pd
 
 from carclassifier.config import RunConfig, dump_config
-from carclassifier.data import Dataset, ValidationReport, load_dataset, make_split, validate_dataset, write_split
+from carclassifier.data import (
+    Dataset,
+    ValidationReport,
+    load_dataset,
+    make_split,
+    validate_dataset,
+    write_split,
+)
 from carclassifier.demo_data import demo_dataset_root
 
 log = logging.getLogger(__name__)
@@ -55,5 +62,10 @@ def prepare_data(config: RunConfig, out_dir: str | Path, progress: bool = True) 
     split = make_split(report.usable, config.data.val_fraction, config.data.seed)
     split_path = write_split(split, out / "split.csv")
     counts = split["subset"].value_counts()
-    log.info("split: %d train / %d val images -> %s", counts.get("train", 0), counts.get("val", 0), split_path)
+    log.info(
+        "split: %d train / %d val images -> %s",
+        counts.get("train", 0),
+        counts.get("val", 0),
+        split_path,
+    )
     return PreparedData(dataset, report, split, split_path)

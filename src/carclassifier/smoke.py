@@ -27,14 +27,22 @@ def smoke_forward(config: RunConfig, prepared: PreparedData, out_dir: str | Path
     classes = prepared.dataset.class_names
     model = build_classifier(config.model, len(classes), config.input.image_size)
     built = time.perf_counter()
-    batches = make_inputs(config, prepared.dataset.root, prepared.subset("val"), classes, training=False)
+    batches = make_inputs(
+        config, prepared.dataset.root, prepared.subset("val"), classes, training=False
+    )
     images, labels = next(iter(batches))
     images = np.asarray(images)
     probs = model.predict(images, verbose=0)
     done = time.perf_counter()
     sums = probs.sum(axis=1)
-    if probs.shape != (len(images), len(classes)) or not np.all(np.isfinite(probs)) or not np.allclose(sums, 1, atol=1e-4):
-        raise RuntimeError(f"smoke forward pass produced bad output: shape {probs.shape}, sums {sums}")
+    if (
+        probs.shape != (len(images), len(classes))
+        or not np.all(np.isfinite(probs))
+        or not np.allclose(sums, 1, atol=1e-4)
+    ):
+        raise RuntimeError(
+            f"smoke forward pass produced bad output: shape {probs.shape}, sums {sums}"
+        )
     result = {
         "backbone": config.model.backbone,
         "weights": config.model.weights,
@@ -52,6 +60,11 @@ def smoke_forward(config: RunConfig, prepared: PreparedData, out_dir: str | Path
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "smoke.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    log.info("smoke forward pass OK: %s %s -> %s in %.1fs (untrained head: predictions are random)",
-             config.model.backbone, result["batch_shape"], result["output_shape"], done - built)
+    log.info(
+        "smoke forward pass OK: %s %s -> %s in %.1fs (untrained head: predictions are random)",
+        config.model.backbone,
+        result["batch_shape"],
+        result["output_shape"],
+        done - built,
+    )
     return result
