@@ -52,3 +52,55 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from carclassifier.demo_data import demo_dataset_root
 
     return demo_dataset_root(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A real GCS protocol server (gcp-storage-emulator) on 127.0.0.1, in its own process.
+
+    Sets STORAGE_EMULATOR_HOST for the session; yields the endpoint URL.
+    """
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gcp_storage_emulator",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--in-memory",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{endpoint}/storage/v1/b?project=test", timeout=1)
+            break
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError("gcp-storage-emulator did not start") from None
+            time.sleep(0.2)
+    previous = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = endpoint
+    yield endpoint
+    process.terminate()
+    process.wait(timeout=10)
+    if previous is None:
+        os.environ.pop("STORAGE_EMULATOR_HOST", None)
+    else:
+        os.environ["STORAGE_EMULATOR_HOST"] = previous
