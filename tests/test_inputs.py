@@ -4,8 +4,8 @@ import pytest
 
 from carclassifier.augment import train_transform
 from carclassifier.config import AugmentConfig, load_config
-from carclassifier.data import load_dataset, make_split
-from carclassifier.inputs import ImageDataAugmentor, load_image, make_inputs
+from carclassifier.data import load_dataset, load_image, make_split
+from carclassifier.inputs import ImageDataAugmentor, make_inputs
 
 
 @pytest.fixture
