@@ -11,12 +11,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from carclassifier.errors import ConfigError
 
+SIZE_MULTIPLE = 32
+"""Every backbone in the registry downsamples by 32: image sizes must be multiples of it."""
+
 TransformSpec = dict[str, dict[str, Any]]
 """One albumentations transform: ``{ClassName: {param: value}}`` (see `carclassifier.augment`)."""
+
+
+def _check_size(value: int | None) -> int | None:
+    if value is not None and value % SIZE_MULTIPLE:
+        lower = max(SIZE_MULTIPLE, value - value % SIZE_MULTIPLE)
+        raise ValueError(
+            f"{value} px is not a multiple of {SIZE_MULTIPLE} (the backbones' stride); "
+            f"use {lower} or {lower + SIZE_MULTIPLE}"
+        )
+    return value
 
 
 class _Section(BaseModel):
@@ -113,9 +126,11 @@ class InputConfig(_Section):
     pipeline: Literal["tf_data", "image_data_augmentor"] = Field(
         "tf_data", description="tf_data (fast) or image_data_augmentor (the recipe's generator)."
     )
-    image_size: int = Field(224, ge=32, description="Square input size in pixels.")
+    image_size: int = Field(224, ge=32, description="Square input size in pixels (multiple of 32).")
     batch_size: int = Field(16, ge=1)
     workers: int = Field(2, ge=1, description="Parallel decode/augment workers.")
+
+    _size = field_validator("image_size")(_check_size)
 
 
 class HeadConfig(_Section):
@@ -146,6 +161,101 @@ class ModelConfig(_Section):
     head: HeadConfig = Field(default_factory=HeadConfig)
 
 
+Monitor = Literal["val_accuracy", "val_loss"]
+
+
+class ReduceLRConfig(_Section):
+    """keras ReduceLROnPlateau (the recipe's idea 3)."""
+
+    enabled: bool = True
+    monitor: Monitor = "val_accuracy"
+    factor: float = Field(0.3, gt=0.0, lt=1.0)
+    patience: int = Field(3, ge=1)
+    min_lr: float = Field(1e-8, ge=0.0)
+
+
+class ScheduleConfig(_Section):
+    """A learning-rate schedule over the epochs of a stage (the recipe's idea 4)."""
+
+    kind: Literal["constant", "cosine", "step"] = "constant"
+    min_lr_fraction: float = Field(
+        0.01, ge=0.0, le=1.0, description="cosine: final LR / initial LR."
+    )
+    step_epochs: int = Field(3, ge=1, description="step: epochs between LR drops.")
+    step_factor: float = Field(0.5, gt=0.0, lt=1.0, description="step: LR multiplier at each drop.")
+
+
+class EarlyStoppingConfig(_Section):
+    """keras EarlyStopping; the stage's best model is kept either way."""
+
+    enabled: bool = False
+    monitor: Monitor = "val_accuracy"
+    patience: int = Field(4, ge=1)
+
+
+class StageConfig(_Section):
+    """One fine-tuning stage; each starts from the previous stage's best model."""
+
+    name: str = Field(
+        pattern=r"^[a-z0-9_]+$", description="e.g. stage_2; used in file and task names."
+    )
+    description: str = Field("", description="Shown in logs and the run graph.")
+    epochs: int = Field(ge=1)
+    unfreeze: float = Field(
+        ge=0.0,
+        le=1.0,
+        description="Share of backbone blocks trained, counted from the top (0 = head only).",
+    )
+    learning_rate: float = Field(gt=0.0, le=1.0)
+    image_size: int | None = Field(None, ge=32, description="Default: input.image_size.")
+    batch_size: int | None = Field(None, ge=1, description="Default: input.batch_size.")
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    train_batchnorm: bool = Field(
+        False, description="Train unfrozen BatchNormalization layers (default: keep them frozen)."
+    )
+    allow_refreeze: bool = Field(False, description="Allow unfreezing less than the stage before.")
+    reduce_lr: ReduceLRConfig = Field(default_factory=ReduceLRConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+
+    _size = field_validator("image_size")(_check_size)
+
+    @model_validator(mode="after")
+    def _one_lr_controller(self) -> StageConfig:
+        if self.reduce_lr.enabled and self.schedule.kind != "constant":
+            raise ValueError(
+                f"stage {self.name}: reduce_lr and a {self.schedule.kind} schedule both steer the "
+                "learning rate; set reduce_lr.enabled: false or schedule.kind: constant"
+            )
+        return self
+
+
+def _default_stages() -> list[StageConfig]:
+    return [
+        StageConfig(
+            name="stage_1", description="head only", epochs=3, unfreeze=0.0, learning_rate=1e-3
+        ),
+        StageConfig(
+            name="stage_2", description="unfreeze 1/2", epochs=2, unfreeze=0.5, learning_rate=1e-4
+        ),
+    ]
+
+
+class TrainConfig(_Section):
+    """How stages run."""
+
+    mixed_precision: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: mixed_float16 when a GPU is visible, float32 on CPU."
+    )
+    jit_compile: bool = Field(False, description="XLA-compile the train step.")
+    steps_per_epoch: int | None = Field(
+        None, ge=1, description="Cap batches per epoch (tests, smoke runs)."
+    )
+    keep_checkpoints: int = Field(1, ge=1, description="Per-epoch checkpoints kept (the newest).")
+
+
 class RunConfig(_Section):
     """Everything one run needs."""
 
@@ -155,13 +265,46 @@ class RunConfig(_Section):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     input: InputConfig = Field(default_factory=InputConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    stages: list[StageConfig] = Field(default_factory=_default_stages, min_length=1)
+
+    @model_validator(mode="after")
+    def _stages_make_a_recipe(self) -> RunConfig:
+        names = [stage.name for stage in self.stages]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"stage names must be unique; repeated: {duplicated}")
+        for before, after in zip(self.stages, self.stages[1:], strict=False):
+            if after.unfreeze < before.unfreeze and not after.allow_refreeze:
+                raise ValueError(
+                    f"stage {after.name} unfreezes {after.unfreeze} < {before.unfreeze} of stage "
+                    f"{before.name}; if that is meant, set allow_refreeze: true on {after.name}"
+                )
+        return self
+
+    def stage(self, name: str) -> StageConfig:
+        """The stage called ``name``."""
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise ConfigError(
+            f"no stage {name!r} in this config; stages are {[s.name for s in self.stages]}"
+        )
+
+    def stage_image_size(self, stage: StageConfig) -> int:
+        """The input size a stage trains at."""
+        return stage.image_size or self.input.image_size
+
+    def stage_batch_size(self, stage: StageConfig) -> int:
+        """The batch size a stage trains with."""
+        return stage.batch_size or self.input.batch_size
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:
     parts = []
     for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "<top level>"
-        message = item["msg"]
+        key = ".".join(str(p) for p in item["loc"]) or "config"
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key (check the spelling against configs/*.yaml)"
         parts.append(f"{key}: {message}")

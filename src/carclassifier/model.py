@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import keras
 
 from carclassifier.backbones import build_backbone
@@ -14,9 +17,9 @@ def build_classifier(config: ModelConfig, num_classes: int, image_size: int) -> 
     """Backbone (nested as one layer named ``backbone``) + pooling + optional dense layers
     (the recipe's idea of 1-2 more dense layers, each with batch norm and dropout) + softmax.
 
-    The model takes raw RGB pixels in 0..255; each backbone normalizes inside. The backbone is
-    called in inference mode, so its BatchNormalization statistics stay as pretrained when
-    layers are unfrozen (the Keras fine-tuning guide's advice).
+    The model takes raw RGB pixels in 0..255; each backbone normalizes inside. Which backbone
+    layers train is set per stage by `set_trainable`; frozen BatchNormalization layers run in
+    inference mode (Keras 3), so their statistics stay as pretrained when blocks are unfrozen.
     """
     if num_classes < 2:
         raise ValueError(f"num_classes must be at least 2, got {num_classes}")
@@ -24,7 +27,7 @@ def build_classifier(config: ModelConfig, num_classes: int, image_size: int) -> 
     backbone.name = BACKBONE_NAME
     head = config.head
     inputs = keras.Input((image_size, image_size, 3), name="image")
-    x = backbone(inputs, training=False)
+    x = backbone(inputs)
     pool = (
         keras.layers.GlobalAveragePooling2D
         if head.pooling == "avg"
@@ -42,3 +45,57 @@ def build_classifier(config: ModelConfig, num_classes: int, image_size: int) -> 
         num_classes, activation="softmax", dtype="float32", name="predictions"
     )(x)
     return keras.Model(inputs, outputs, name=f"{config.backbone}_classifier")
+
+
+_BLOCK = re.compile(r"^block(\d+[a-z])_")
+
+
+def backbone_blocks(backbone: keras.Model) -> tuple[list, list[list], list]:
+    """Split a backbone's layers into (stem layers, blocks in order, top layers).
+
+    Blocks are keras.applications' ``block<N><letter>_*`` groups, which the Lite0 port uses too.
+    """
+    stem: list = []
+    blocks: dict[str, list] = {}
+    top: list = []
+    for layer in backbone.layers:
+        match = _BLOCK.match(layer.name)
+        if match:
+            blocks.setdefault(match.group(1), []).append(layer)
+        elif blocks:
+            top.append(layer)
+        else:
+            stem.append(layer)
+    if not blocks:
+        raise ValueError(f"{backbone.name} has no block<N><letter>_ layers to unfreeze by block")
+    return stem, list(blocks.values()), top
+
+
+def set_trainable(model: keras.Model, fraction: float, train_batchnorm: bool = False) -> dict:
+    """Train the head plus the top ``fraction`` of the backbone's blocks (whole blocks,
+    rounded up; the stem only at 1.0). BatchNormalization layers stay frozen unless
+    ``train_batchnorm``. Returns counts for the logs."""
+    backbone = model.get_layer(BACKBONE_NAME)
+    stem, blocks, top = backbone_blocks(backbone)
+    unfrozen = math.ceil(fraction * len(blocks)) if fraction > 0 else 0
+    backbone.trainable = unfrozen > 0
+    if unfrozen:
+        trainable_layers = [
+            *top,
+            *(layer for block in blocks[len(blocks) - unfrozen :] for layer in block),
+        ]
+        if fraction >= 1.0:
+            trainable_layers += stem
+        chosen = {id(layer) for layer in trainable_layers}
+        for layer in backbone.layers:
+            is_bn = isinstance(layer, keras.layers.BatchNormalization)
+            layer.trainable = id(layer) in chosen and (train_batchnorm or not is_bn)
+    for layer in model.layers:
+        if layer is not backbone:
+            layer.trainable = True
+    return {
+        "blocks_total": len(blocks),
+        "blocks_unfrozen": unfrozen,
+        "trainable_weights": len(model.trainable_weights),
+        "trainable_params": int(sum(math.prod(w.shape) for w in model.trainable_weights)),
+    }

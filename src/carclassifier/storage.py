@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from carclassifier.errors import StorageError
@@ -81,3 +82,110 @@ def local_copy(uri: str | os.PathLike[str]) -> Path:
         ) from exc
     os.replace(tmp, target)
     return target
+
+
+# --------------------------------------------------------------------------- writing and listing
+# Every location is a string: a local path or gs://bucket/prefix. Writers never leave a
+# half-written file under its final name: locally a temporary name is renamed into place
+# (os.replace is atomic); on GCS an object only appears once its upload completed.
+
+
+def join(base: str | os.PathLike[str], *parts: str) -> str:
+    """Join path parts onto a local path or a gs:// URI."""
+    base = str(base)
+    if is_gcs_uri(base):
+        return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+    return str(Path(base, *parts))
+
+
+def _blob(uri: str):  # noqa: ANN202 - google.cloud.storage.Blob
+    bucket, name = split_gcs_uri(uri)
+    return gcs_client().bucket(bucket).blob(name)
+
+
+def exists(uri: str) -> bool:
+    """True when a file (or, for GCS, an object) exists at ``uri``."""
+    if is_gcs_uri(uri):
+        return _blob(uri).exists()
+    return Path(uri).is_file()
+
+
+def read_text(uri: str) -> str | None:
+    """The text at ``uri``, or None when there is none."""
+    if is_gcs_uri(uri):
+        from google.api_core import exceptions as gexc
+
+        try:
+            return _blob(uri).download_as_text()
+        except gexc.NotFound:
+            return None
+    path = Path(uri)
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write ``text`` to ``uri`` atomically."""
+    if is_gcs_uri(uri):
+        _blob(uri).upload_from_string(text, content_type="application/json")
+        return
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def put_file(local: str | os.PathLike[str], uri: str) -> None:
+    """Copy a local file to ``uri`` (streamed; large files upload in resumable chunks)."""
+    if is_gcs_uri(uri):
+        blob = _blob(uri)
+        blob.chunk_size = 32 * 1024 * 1024
+        blob.upload_from_filename(str(local))
+        return
+    target = Path(uri)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if Path(local).resolve() == target.resolve():
+        return
+    tmp = target.with_name(target.name + ".partial")
+    shutil.copyfile(local, tmp)
+    os.replace(tmp, target)
+
+
+def get_file(uri: str, local: str | os.PathLike[str]) -> Path:
+    """Copy the file at ``uri`` to ``local`` (streamed, via a temporary name)."""
+    local = Path(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(local.name + ".partial")
+    if is_gcs_uri(uri):
+        from google.api_core import exceptions as gexc
+
+        try:
+            _blob(uri).download_to_filename(str(tmp))
+        except gexc.NotFound:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"{uri} not found") from None
+    else:
+        if not Path(uri).is_file():
+            raise StorageError(f"{uri} does not exist")
+        shutil.copyfile(uri, tmp)
+    os.replace(tmp, local)
+    return local
+
+
+def delete_tree(uri: str) -> None:
+    """Remove a local folder or every object under a gs:// prefix (missing is fine)."""
+    if is_gcs_uri(uri):
+        bucket, prefix = split_gcs_uri(uri.rstrip("/") + "/")
+        for blob in gcs_client().list_blobs(bucket, prefix=prefix):
+            blob.delete()
+        return
+    shutil.rmtree(uri, ignore_errors=True)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a local file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
