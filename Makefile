@@ -2,7 +2,8 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
-CONFIG ?= configs/local.yaml
+CONFIG ?= configs/recipe_lite0_local.yaml
+RUN_DIR ?= runs/local
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c requirements/lock.txt
 
 .PHONY: help install install-reference test lint eda run-local bench clean
@@ -29,8 +30,8 @@ lint: install  ## ruff
 eda: install  ## EDA report of the demo data (CONFIG=... for another dataset)
 	$(VENV)/bin/carclassifier eda --config $(CONFIG)
 
-run-local: install  ## the main job on the embedded default: prepare, EDA, smoke forward pass
-	$(VENV)/bin/carclassifier run-local --config $(CONFIG)
+run-local: install  ## the whole recipe on the embedded default (RUN_DIR=runs/local)
+	$(VENV)/bin/carclassifier run-local --config $(CONFIG) --out $(RUN_DIR)
 
 bench: install  ## benchmarks, results into benchmarks/results/
 	$(PY) benchmarks/input_pipeline.py

@@ -7,6 +7,7 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -71,21 +72,88 @@ def cmd_download_kaggle(args: argparse.Namespace) -> None:
     report.write(args.dest)
 
 
-def cmd_run_local(args: argparse.Namespace) -> None:
-    from carclassifier.eda import write_eda_report
-    from carclassifier.prepare import prepare_data
-    from carclassifier.smoke import smoke_forward
+def _prepared(args: argparse.Namespace, config):  # noqa: ANN001, ANN202 - RunConfig -> PreparedData
+    from carclassifier.prepare import load_prepared, prepare_data
+
+    if args.split:
+        return load_prepared(config.data.root or args.data, args.split)
+    return prepare_data(config, config.output_dir)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from carclassifier.local_run import summary_table
+    from carclassifier.stages import train_recipe
 
     config = _config(args)
-    out = Path(config.output_dir)
-    log.info("run-local: outputs in %s", out.resolve())
-    prepared = prepare_data(config, out)
-    eda = write_eda_report(
-        prepared.report, out / "eda", config.augment, config.input.image_size, seed=config.data.seed
+    results = train_recipe(config, _prepared(args, config), config.output_dir)
+    print(summary_table([r.metrics for r in results]))
+
+
+def cmd_train_stage(args: argparse.Namespace) -> None:
+    from carclassifier.stages import run_stage
+
+    config = _config(args)
+    result = run_stage(config, args.stage, _prepared(args, config), args.stage_out, args.init)
+    print(json.dumps(result.metrics, indent=2))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from carclassifier.evaluate import evaluate_model
+    from carclassifier.stages import load_model
+
+    config = _config(args)
+    prepared = _prepared(args, config)
+    result = evaluate_model(
+        load_model(args.model), prepared.dataset.root, prepared.subset("val"),
+        prepared.dataset.class_names, config, Path(config.output_dir) / "evaluation",
+    )  # fmt: skip
+    print(f"val accuracy {result['accuracy']:.4f}, with TTA {result['tta']['accuracy']:.4f} "
+          f"(gain {result['tta_gain']:+.4f})")  # fmt: skip
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from carclassifier.export import export_model
+    from carclassifier.stages import load_model
+
+    labels = json.loads(Path(args.labels).read_text()) if args.labels else None
+    if labels is None:
+        config = _config(args)
+        labels = _prepared(args, config).dataset.class_names
+    print(f"exported to {export_model(load_model(args.model), list(labels), args.export_dir)}")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from carclassifier.augment import tta_transform
+    from carclassifier.config import load_config
+    from carclassifier.evaluate import model_image_size
+    from carclassifier.export import load_exported
+    from carclassifier.predict import predict_folder
+
+    model, labels = load_exported(args.model)
+    config = load_config(args.config, args.set)
+    tta = (
+        tta_transform(config.augment, model_image_size(model)[0], config.data.seed)
+        if args.tta
+        else None
     )
-    log.info("EDA report: %s", eda)
-    smoke_forward(config, prepared, out)
-    print(f"run-local done: open {eda} ; smoke test in {out / 'smoke.json'}")
+    frame = predict_folder(
+        model, args.images, labels["class_names"], args.output, sample_submission=args.sample_submission,
+        tta=tta, tta_views=config.augment.tta_views if args.tta else 1,
+        batch_size=config.input.batch_size, fmt=args.format,
+    )  # fmt: skip
+    print(f"{len(frame)} predictions -> {args.output}")
+
+
+def cmd_run_local(args: argparse.Namespace) -> None:
+    from carclassifier.local_run import run_local, summary_table
+
+    summary = run_local(_config(args))
+    print(summary_table(summary["stages"]))
+    print(
+        f"\nvalidation accuracy {summary['val_accuracy']:.4f}, with TTA {summary['val_accuracy_tta']:.4f} "
+        f"(gain {summary['tta_gain']:+.4f}) in {summary['minutes']:.1f} min\n"
+        f"EDA report: {summary['eda']}\nexported model: {summary['export']}\nsubmission: {summary['submission']}"
+    )
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +166,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--data", help="dataset folder (overrides data.root)")
     parser.add_argument("--out", help="output folder (overrides output_dir)")
+    parser.add_argument("--split", help="split.csv from an earlier prepare (default: prepare now)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +196,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="download again even if present")
     p.set_defaults(func=cmd_download_kaggle)
 
-    p = sub.add_parser("run-local", help="prepare + EDA + smoke forward pass on the demo data")
+    p = sub.add_parser("train", help="run every stage of the recipe in order")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-stage", help="run one stage (resumes from its checkpoints)")
+    _add_config_args(p)
+    p.add_argument("--stage", required=True, help="stage name from the config, e.g. stage_2")
+    p.add_argument(
+        "--init", help=".keras model to start from (local or gs://); none for the first stage"
+    )
+    p.add_argument("--stage-out", required=True, help="the stage's output folder or gs:// prefix")
+    p.set_defaults(func=cmd_train_stage)
+
+    p = sub.add_parser("evaluate", help="validation metrics, confusion matrix, TTA gain")
+    _add_config_args(p)
+    p.add_argument("--model", required=True, help=".keras model (local or gs://)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="SavedModel + model.keras + labels.json for serving")
+    _add_config_args(p)
+    p.add_argument("--model", required=True, help=".keras model (local or gs://)")
+    p.add_argument("--export-dir", required=True, help="folder to write the export into")
+    p.add_argument("--labels", help="JSON list of class names (default: from the dataset)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("predict", help="a folder of images -> submission CSV")
+    p.add_argument("--model", required=True, help="exported model folder (from export / run-local)")
+    p.add_argument("--images", required=True, help="folder of images (searched recursively)")
+    p.add_argument("--output", required=True, help="CSV to write")
+    p.add_argument("--sample-submission", help="sample_submission.csv: rows follow its order")
+    p.add_argument("--tta", action="store_true", help="average test-time-augmented views")
+    p.add_argument("--format", choices=["competition", "full"], default="competition")
+    p.add_argument("--config", type=Path, help="config for TTA views and batch size")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "run-local", help="the whole recipe here: prepare, EDA, stages, evaluate, export, predict"
+    )
     _add_config_args(p)
     p.set_defaults(func=cmd_run_local)
     return parser

@@ -18,10 +18,12 @@ from carclassifier.data import (
     ValidationReport,
     load_dataset,
     make_split,
+    read_split,
     validate_dataset,
     write_split,
 )
 from carclassifier.demo_data import demo_dataset_root
+from carclassifier.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +33,7 @@ class PreparedData:
     """A validated dataset and its split."""
 
     dataset: Dataset
-    report: ValidationReport
+    report: ValidationReport | None  # None when read back from a split written earlier
     split: pd.DataFrame
     split_path: Path
 
@@ -69,3 +71,16 @@ def prepare_data(config: RunConfig, out_dir: str | Path, progress: bool = True) 
         split_path,
     )
     return PreparedData(dataset, report, split, split_path)
+
+
+def load_prepared(data_root: str | Path, split_csv: str | Path) -> PreparedData:
+    """A dataset with the split an earlier `prepare_data` wrote (every stage reads this)."""
+    dataset = load_dataset(data_root)
+    split = read_split(split_csv)
+    missing = [p for p in split["path"] if not (dataset.root / p).is_file()]
+    if missing:
+        raise DatasetError(
+            f"{len(missing)} image(s) of {split_csv} are not under {dataset.root} "
+            f"(e.g. {missing[:3]}); pass the dataset the split was made from"
+        )
+    return PreparedData(dataset, None, split, Path(split_csv))

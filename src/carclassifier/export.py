@@ -1,0 +1,184 @@
+"""The trained model for serving: a Keras file, a TensorFlow SavedModel and the label list.
+
+    export_model(model, class_names, "runs/x/export", {"backbone": "efficientnet_lite0"})
+    model, labels = load_exported("runs/x/export")
+
+An export folder holds
+
+- ``model.keras``: the Keras model (loads with ``safe_mode=True``: no lambdas, no custom code);
+- ``saved_model/``: a TensorFlow SavedModel whose ``serving_default`` signature takes
+  ``image``: float32 ``[N, H, W, 3]`` raw RGB pixels 0..255 and returns ``output_0``: the class
+  probabilities ``[N, C]`` (TF Serving, ``tf.saved_model.load``);
+- ``labels.json``: class names (index = class id), image size, input description, metadata.
+
+The folder is written under a temporary sibling name and renamed into place at the end, so a
+folder with the final name is always a complete export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from carclassifier.errors import StorageError
+from carclassifier.storage import get_file, is_gcs_uri, join
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.keras"
+SAVED_MODEL_DIR = "saved_model"
+LABELS_FILE = "labels.json"
+SERVING_SIGNATURE = "serving_default"
+SERVING_INPUT = "image"
+SERVING_OUTPUT = "output_0"
+INPUT_DESCRIPTION = "RGB float32 0-255, shape [N,H,W,3]"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"metadata value {value!r} ({type(value).__name__}) is not JSON-serializable")
+
+
+def _input_hw(model: keras.Model) -> tuple[int, int]:
+    shape = model.input_shape
+    if isinstance(shape, list) or len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"export needs one image input (batch, H, W, 3); the model has {shape}")
+    if shape[1] is None or shape[2] is None:
+        raise ValueError(f"export needs a fixed input size; the model input is {shape}")
+    return int(shape[1]), int(shape[2])
+
+
+def labels_document(
+    model: keras.Model, class_names: list[str], metadata: dict | None = None
+) -> dict[str, Any]:
+    """The content of ``labels.json`` for ``model``."""
+    height, width = _input_hw(model)
+    num_classes = int(model.output_shape[-1])
+    if len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names but the model outputs {num_classes}")
+    return {
+        "class_names": [str(c) for c in class_names],
+        "image_size": height if height == width else [height, width],
+        "input": INPUT_DESCRIPTION,
+        "serving": {
+            "signature": SERVING_SIGNATURE,
+            "input": SERVING_INPUT,
+            "output": SERVING_OUTPUT,
+        },
+        "metadata": metadata or {},
+    }
+
+
+def export_model(
+    model: keras.Model,
+    class_names: list[str],
+    out_dir: str | Path,
+    metadata: dict | None = None,
+) -> Path:
+    """Write ``model.keras``, ``saved_model/`` and ``labels.json`` into ``out_dir``.
+
+    ``metadata`` (e.g. backbone, metrics; numpy scalars are fine) goes into ``labels.json``.
+    An existing ``out_dir`` is replaced only once the new export is complete. Returns ``out_dir``.
+    """
+    if is_gcs_uri(out_dir):
+        raise StorageError(
+            f"export writes to a local folder; {out_dir} is gs:// (export locally, then upload)"
+        )
+    import tensorflow as tf
+
+    document = labels_document(model, class_names, metadata)
+    text = json.dumps(document, indent=2, default=_jsonable)  # fails before anything is written
+    height, width = _input_hw(model)
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir()
+        model.save(tmp / MODEL_FILE)
+        model.export(
+            str(tmp / SAVED_MODEL_DIR),
+            format="tf_saved_model",
+            verbose=False,
+            input_signature=[
+                tf.TensorSpec((None, height, width, 3), tf.float32, name=SERVING_INPUT)
+            ],
+        )
+        (tmp / LABELS_FILE).write_text(text, encoding="utf-8")
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %d-class model (%dx%d input) to %s", len(class_names), height, width, out)
+    return out
+
+
+def _local_file(folder: str | Path, name: str, scratch: Path) -> Path:
+    """``folder/name`` as a local file: checked in place, or fetched from gs:// into ``scratch``."""
+    if is_gcs_uri(folder):
+        try:
+            return get_file(join(folder, name), scratch / name)
+        except StorageError as exc:
+            raise StorageError(f"{folder} is not a complete export: {exc}") from exc
+    path = Path(folder).expanduser() / name
+    if not path.is_file():
+        raise StorageError(
+            f"{folder} is not a complete export: {name} is missing "
+            f"(an export folder holds {MODEL_FILE}, {SAVED_MODEL_DIR}/ and {LABELS_FILE})"
+        )
+    return path
+
+
+def load_exported(uri: str | Path) -> tuple[keras.Model, dict[str, Any]]:
+    """Load an export folder written by `export_model`: the Keras model and ``labels.json``.
+
+    ``uri`` is a local folder or a ``gs://`` prefix; from gs:// only ``labels.json`` and
+    ``model.keras`` are downloaded, freshly each call (into a temporary folder removed afterwards,
+    so a re-export to the same prefix is never shadowed by a cache). The model is loaded with
+    ``safe_mode=True`` and without its training configuration (``compile=False``).
+    """
+    if not is_gcs_uri(uri) and not Path(uri).expanduser().is_dir():
+        raise StorageError(f"export folder {uri} does not exist; run the export step first")
+    with tempfile.TemporaryDirectory(prefix="carclassifier-export-") as scratch:
+        labels_path = _local_file(uri, LABELS_FILE, Path(scratch))
+        try:
+            labels = json.loads(labels_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StorageError(f"{LABELS_FILE} of {uri} is not readable JSON ({exc})") from None
+        if not isinstance(labels, dict) or not isinstance(labels.get("class_names"), list):
+            raise StorageError(
+                f"{LABELS_FILE} of {uri} has no class_names list; re-export the model"
+            )
+        model_path = _local_file(uri, MODEL_FILE, Path(scratch))
+        try:
+            model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise StorageError(f"cannot load {MODEL_FILE} of {uri}: {exc}") from exc
+    outputs = int(model.output_shape[-1])
+    if outputs != len(labels["class_names"]):
+        raise StorageError(
+            f"{uri}: {LABELS_FILE} lists {len(labels['class_names'])} classes but the model "
+            f"outputs {outputs}; the files come from different exports"
+        )
+    return model, labels
