@@ -9,32 +9,22 @@ def test_run_local_end_to_end(make_folder_dataset, tmp_path, capsys):
     root = make_folder_dataset(classes=("audi", "bmw", "lada"), per_class=6)
     (root / "bmw" / "broken.jpg").write_bytes(b"\xff\xd8 not a photo")
     out = tmp_path / "run"
-    code = main(
-        [
-            "run-local",
-            "--data",
-            str(root),
-            "--out",
-            str(out),
-            "--set",
-            "input.image_size=64",
-            "--set",
-            "input.batch_size=4",
-        ]
-    )
+    stages = "stages=[{name: stage_1, description: head only, epochs: 1, unfreeze: 0.0, learning_rate: 0.01}]"
+    code = main(["run-local", "--data", str(root), "--out", str(out), "--set", "model.weights=null",
+                 "--set", "input.image_size=32", "--set", "input.batch_size=4", "--set", stages,
+                 "--set", "augment.tta_views=2"])  # fmt: skip
     assert code == 0
-    for name in ("config.yaml", "validation.json", "split.csv", "smoke.json", "eda/eda.html"):
+    for name in ("config.yaml", "validation.json", "split.csv", "eda/eda.html", "summary.json",
+                 "evaluation/evaluation.json", "export/labels.json", "stages/stage_1/best.keras"):  # fmt: skip
         assert (out / name).is_file(), name
     validation = json.loads((out / "validation.json").read_text())
     assert [e["path"] for e in validation["excluded"]] == ["bmw/broken.jpg"]
     split = pd.read_csv(out / "split.csv")
     assert "bmw/broken.jpg" not in set(split["path"]) and len(split) == 18
-    smoke = json.loads((out / "smoke.json").read_text())
-    assert smoke["backbone"] == "efficientnet_lite0"
-    n_val = int((split["subset"] == "val").sum())  # 3: one per class, fewer than a batch
-    assert smoke["batch_shape"] == [n_val, 64, 64, 3] and smoke["output_shape"] == [n_val, 3]
-    assert set(smoke["predicted"]) <= {"audi", "bmw", "lada"}
-    assert "run-local done" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| stage_1 | head only | 32 | 1 |" in printed
+    assert "validation accuracy" in printed and "with TTA" in printed
+    assert "submission: None" in printed  # class folders without a test folder: nothing to predict
 
 
 def test_validate_names_corrupt_files_in_one_report(make_folder_dataset, tmp_path, capsys):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def _curve(history: pd.DataFrame, metric: str, title: str, path: Path) -> Path:
@@ -18,6 +19,7 @@ def _curve(history: pd.DataFrame, metric: str, title: str, path: Path) -> Path:
             ax.plot(epochs, history[column], style, label=label, markersize=4)
     ax.set_title(title)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend()

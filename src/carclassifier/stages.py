@@ -375,6 +375,7 @@ def run_stage(
             epochs=stage.epochs,
             initial_epoch=initial_epoch,
             callbacks=[*tracked, checkpoint],
+            shuffle=False,  # the input pipelines shuffle, seeded
             verbose=1 if sys.stdout.isatty() else 2,
         )
     metrics = _finish(out, stage, state, train_images, size)
