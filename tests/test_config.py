@@ -64,3 +64,42 @@ def test_bad_files(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(bad)
+
+
+STAGE = "{name: %s, epochs: 1, unfreeze: %s, learning_rate: 0.001%s}"
+
+
+@pytest.mark.parametrize(
+    ("stages", "expected"),
+    [
+        (f"[{STAGE % ('a', 0.5, '')}, {STAGE % ('b', 0.25, '')}]", "stage b unfreezes 0.25 < 0.5"),
+        (f"[{STAGE % ('a', 0.5, '')}, {STAGE % ('a', 1.0, '')}]", "repeated: \\['a'\\]"),
+        (f"[{STAGE % ('a', 0, ', image_size: 300')}]", "300 px is not a multiple of 32"),
+        (f"[{STAGE % ('a', 0, ', schedule: {kind: cosine}')}]", "both steer the learning rate"),
+        (f"[{STAGE % ('a', 1.5, '')}]", "stages.0.unfreeze"),
+        (f"[{STAGE % ('Stage 1', 0, '')}]", "stages.0.name"),
+        ("[]", "stages"),
+    ],
+)
+def test_impossible_recipes_fail_before_training(stages, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [f"stages={stages}"])
+
+
+def test_refreeze_when_meant_and_stage_lookup():
+    stages = f"[{STAGE % ('a', 0.5, '')}, {STAGE % ('b', 0.25, ', allow_refreeze: true')}]"
+    config = load_config(None, [f"stages={stages}", "input.image_size=256"])
+    assert config.stage("b").unfreeze == 0.25
+    assert config.stage_image_size(config.stage("b")) == 256
+    with pytest.raises(ConfigError, match="no stage 'c'"):
+        config.stage("c")
+
+
+def test_the_b6_recipe_is_the_recipe():
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "recipe_b6.yaml")
+    assert config.model.backbone == "efficientnet_b6"
+    assert [s.name for s in config.stages] == [
+        "stage_1", "stage_2", "stage_3", "stage_4", "stage_5_1", "stage_5_2", "stage_5_3"]  # fmt: skip
+    assert [s.unfreeze for s in config.stages] == [0.0, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]
+    assert [config.stage_image_size(s) for s in config.stages][-3:] == [448, 448, 448]
+    assert [s.learning_rate for s in config.stages][-3:] == [1e-5, 1e-6, 1e-7]

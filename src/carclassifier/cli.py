@@ -73,10 +73,10 @@ def cmd_download_kaggle(args: argparse.Namespace) -> None:
 
 
 def _prepared(args: argparse.Namespace, config):  # noqa: ANN001, ANN202 - RunConfig -> PreparedData
-    from carclassifier.prepare import load_prepared, prepare_data
+    from carclassifier.prepare import load_prepared, prepare_data, resolve_data_root
 
     if args.split:
-        return load_prepared(config.data.root or args.data, args.split)
+        return load_prepared(resolve_data_root(config), args.split)
     return prepare_data(config, config.output_dir)
 
 

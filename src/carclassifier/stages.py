@@ -364,6 +364,8 @@ def run_stage(
                      f"{counts['trainable_params']:,}")  # fmt: skip
             _compile(model, stage, config)
     initial_epoch = int(state.get("epoch", 0))
+    state["seed"] = config.data.seed + initial_epoch
+    keras.utils.set_random_seed(state["seed"])  # weight init, dropout: repeatable per (seed, epoch)
     stopped = state.get("callbacks", {}).get("EarlyStopping", {}).get("stopped_epoch", 0)
     train, val, train_images = _stage_inputs(config, stage, prepared)
     if initial_epoch < stage.epochs and not stopped:
