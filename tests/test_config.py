@@ -103,3 +103,13 @@ def test_the_b6_recipe_is_the_recipe():
     assert [s.unfreeze for s in config.stages] == [0.0, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]
     assert [config.stage_image_size(s) for s in config.stages][-3:] == [448, 448, 448]
     assert [s.learning_rate for s in config.stages][-3:] == [1e-5, 1e-6, 1e-7]
+
+
+def test_a_stage_is_overridden_by_its_name():
+    path = Path(__file__).resolve().parents[1] / "configs" / "recipe_b6.yaml"
+    config = load_config(path, ["stages.stage_2.epochs=3", "stages.stage_5_1.image_size=384"])
+    assert config.stage("stage_2").epochs == 3 and config.stage("stage_5_1").image_size == 384
+    with pytest.raises(ConfigError, match="no stage named 'stage_9'"):
+        load_config(path, ["stages.stage_9.epochs=3"])
+    with pytest.raises(ConfigError, match="name a stage"):
+        load_config(path, ["stages.epochs=3"])

@@ -46,3 +46,18 @@ def test_lite0_weights_from_a_gs_uri(bucket, tmp_path):
     )
     x = np.random.default_rng(0).uniform(0, 255, (1, 64, 64, 3)).astype("float32")
     np.testing.assert_allclose(restored(x).numpy(), original(x).numpy(), atol=1e-6)
+
+
+def test_trees_round_trip_through_gcs(bucket, tmp_path):
+    source = tmp_path / "src"
+    (source / "a" / "b").mkdir(parents=True)
+    (source / "top.txt").write_text("1")
+    (source / "a" / "b" / "deep.bin").write_bytes(b"\x00\x01")
+    from carclassifier.storage import download_tree, upload_tree
+
+    upload_tree(source, f"gs://{bucket.name}/data/set")
+    copy = download_tree(f"gs://{bucket.name}/data/set", tmp_path / "copy")
+    assert (copy / "top.txt").read_text() == "1"
+    assert (copy / "a" / "b" / "deep.bin").read_bytes() == b"\x00\x01"
+    with pytest.raises(StorageError, match="nothing under"):
+        download_tree(f"gs://{bucket.name}/nothing", tmp_path / "none")

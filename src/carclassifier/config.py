@@ -316,13 +316,24 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     if not sep or not key.strip():
         raise ConfigError(f"override {override!r} is not KEY=VALUE, e.g. input.batch_size=8")
     value = yaml.safe_load(raw) if raw.strip() else None
-    node = data
+    node: Any = data
     *parents, leaf = key.strip().split(".")
     for part in parents:
+        if isinstance(node, list):  # a stage addressed by its name: stages.stage_2.epochs=3
+            matches = [item for item in node if isinstance(item, dict) and item.get("name") == part]
+            if not matches:
+                names = [item.get("name") for item in node if isinstance(item, dict)]
+                raise ConfigError(
+                    f"override {override!r}: no stage named {part!r} (stages: {names})"
+                )
+            node = matches[0]
+            continue
         child = node.setdefault(part, {})
-        if not isinstance(child, dict):
+        if not isinstance(child, dict | list):
             raise ConfigError(f"override {override!r}: {part} is not a section")
         node = child
+    if isinstance(node, list):
+        raise ConfigError(f"override {override!r}: name a stage, e.g. stages.stage_1.epochs=2")
     node[leaf] = value
 
 

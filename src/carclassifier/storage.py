@@ -189,3 +189,31 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def download_tree(uri: str, local_dir: str | os.PathLike[str]) -> Path:
+    """Copy every file under a gs:// prefix (or a local folder) into ``local_dir``."""
+    local_dir = Path(local_dir)
+    if not is_gcs_uri(uri):
+        source = Path(uri)
+        if not source.is_dir():
+            raise StorageError(f"{uri} is not a folder")
+        shutil.copytree(source, local_dir, dirs_exist_ok=True)
+        return local_dir
+    bucket, prefix = split_gcs_uri(uri.rstrip("/") + "/")
+    blobs = [b for b in gcs_client().list_blobs(bucket, prefix=prefix) if not b.name.endswith("/")]
+    if not blobs:
+        raise StorageError(f"nothing under {uri}: check the bucket and prefix")
+    for blob in blobs:
+        target = local_dir / blob.name[len(prefix) :]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        blob.download_to_filename(str(target))
+    log.info("downloaded %d files from %s to %s", len(blobs), uri, local_dir)
+    return local_dir
+
+
+def upload_tree(local_dir: str | os.PathLike[str], uri: str) -> None:
+    """Copy every file under ``local_dir`` to the same relative names under ``uri``."""
+    local_dir = Path(local_dir)
+    for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        put_file(path, join(uri, path.relative_to(local_dir).as_posix()))
