@@ -149,7 +149,7 @@ def _pixels(n: int = 4) -> np.ndarray:
 
 def test_export_layout_and_labels(exported):
     assert (exported / "model.keras").is_file()
-    assert (exported / "saved_model" / "saved_model.pb").is_file()
+    assert (exported / "saved_model" / "1" / "saved_model.pb").is_file()
     assert [p.name for p in exported.parent.iterdir()] == ["model"]  # no partial folders left
     labels = json.loads((exported / "labels.json").read_text())
     assert labels["class_names"] == CLASSES
@@ -170,7 +170,7 @@ def test_load_exported_round_trip(model, exported):
 def test_saved_model_serving_signature(model, exported):
     import tensorflow as tf
 
-    serving = tf.saved_model.load(str(exported / "saved_model")).signatures["serving_default"]
+    serving = tf.saved_model.load(str(exported / "saved_model" / "1")).signatures["serving_default"]
     ((name, spec),) = serving.structured_input_signature[1].items()
     assert name == "image" and spec.dtype == tf.float32
     assert spec.shape.as_list() == [None, SIZE, SIZE, 3]
@@ -242,7 +242,7 @@ def test_export_of_the_real_classifier_loads_in_safe_mode(tmp_path):
     x = _pixels(2)
     expected = model.predict_on_batch(x)
     np.testing.assert_allclose(loaded.predict_on_batch(x), expected, atol=1e-6, rtol=0)
-    serving = tf.saved_model.load(str(out / "saved_model")).signatures["serving_default"]
+    serving = tf.saved_model.load(str(out / "saved_model" / "1")).signatures["serving_default"]
     np.testing.assert_allclose(
         serving(image=tf.constant(x))["output_0"].numpy(), expected, atol=1e-6, rtol=0
     )

@@ -6,7 +6,8 @@
 An export folder holds
 
 - ``model.keras``: the Keras model (loads with ``safe_mode=True``: no lambdas, no custom code);
-- ``saved_model/``: a TensorFlow SavedModel whose ``serving_default`` signature takes
+- ``saved_model/1/``: a TensorFlow SavedModel (version folder ``1``, the layout TF Serving and
+  KServe's ``storageUri: …/export/saved_model`` expect) whose ``serving_default`` signature takes
   ``image``: float32 ``[N, H, W, 3]`` raw RGB pixels 0..255 and returns ``output_0``: the class
   probabilities ``[N, C]`` (TF Serving, ``tf.saved_model.load``);
 - ``labels.json``: class names (index = class id), image size, input description, metadata.
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.keras"
 SAVED_MODEL_DIR = "saved_model"
+SAVED_MODEL_VERSION = "1"  # TF Serving / KServe load <storageUri>/<version>/saved_model.pb
 LABELS_FILE = "labels.json"
 SERVING_SIGNATURE = "serving_default"
 SERVING_INPUT = "image"
@@ -112,7 +114,7 @@ def export_model(
         tmp.mkdir()
         model.save(tmp / MODEL_FILE)
         model.export(
-            str(tmp / SAVED_MODEL_DIR),
+            str(tmp / SAVED_MODEL_DIR / SAVED_MODEL_VERSION),
             format="tf_saved_model",
             verbose=False,
             input_signature=[

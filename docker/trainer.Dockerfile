@@ -1,0 +1,113 @@
+# syntax=docker/dockerfile:1.7
+#
+# carclassifier GPU trainer image. Every Kubeflow Pipelines component of the training pipeline
+# runs in it: kfp replaces the container command with its own launcher, so the image only has to
+# provide Python, the pinned dependencies and the installed `carclassifier` package (and kfp, a
+# dependency, so components use install_kfp_package=False).
+#
+#   make image                      # docker build -f docker/trainer.Dockerfile . (repo root)
+#   make push-image IMAGE=REGISTRY/carclassifier/trainer:TAG
+#
+# Base image: python slim, not nvidia/cuda. tensorflow[and-cuda] installs CUDA 12 and cuDNN 9 as
+# pip wheels (versions pinned in docker/gpu-constraints.txt) and TensorFlow loads them from
+# site-packages; an nvidia/cuda base would add a second, unused CUDA (gigabytes) whose version
+# could disagree with the one TensorFlow actually loads. All the image needs from the host is the
+# NVIDIA driver (libcuda), which the GPU node provides. Python 3.11 because pyproject.toml
+# requires it; Debian bookworm's glibc 2.36 covers the manylinux_2_27 TensorFlow wheel.
+# Pinned by full version tag and by digest (the digest wins; refresh both together, see
+# docker/README.md). Linux/amd64: GKE GPU nodes are x86_64.
+ARG PYTHON_IMAGE=python:3.11.16-slim-bookworm@sha256:528257d48c1da0dcecc2e725d1ae34498d60c965f1241e39cd6a85a8859bdf84
+
+# --------------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS base
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:/usr/local/nvidia/bin:${PATH}
+
+# --------------------------------------------------------------------------------------------
+# requirements: the GPU requirement and constraint files, derived from pyproject.toml and the
+# lock file: pyproject's dependencies with tensorflow-cpu swapped for TENSORFLOW_REQUIREMENT (same
+# version, checked), and the lock without tensorflow-cpu. tensorflow-cpu must never be installed
+# next to tensorflow: both wheels write the same `tensorflow` package. A separate stage, so an
+# edit of pyproject.toml that leaves the dependencies alone (ruff settings, version) yields the
+# same files and the big install layer below stays cached.
+FROM base AS requirements
+ARG TENSORFLOW_REQUIREMENT="tensorflow[and-cuda]==2.21.0"
+WORKDIR /build
+COPY pyproject.toml ./
+COPY requirements/lock.txt ./requirements/
+COPY docker/gpu_requirements.py ./docker/
+RUN /usr/local/bin/python docker/gpu_requirements.py --pyproject pyproject.toml \
+        --lock requirements/lock.txt --tensorflow "${TENSORFLOW_REQUIREMENT}" --out-dir /build/gpu
+
+# --------------------------------------------------------------------------------------------
+# deps: a virtualenv with every dependency at its pinned version and no project source, rebuilt
+# only when the requirement files or the GPU pins change.
+FROM base AS deps
+COPY --from=requirements /build/gpu/ /build/gpu/
+COPY docker/gpu-constraints.txt /build/gpu/
+RUN /usr/local/bin/python -m venv /opt/venv \
+    && pip install --no-cache-dir "pip==26.3" \
+    && pip install --no-cache-dir \
+        -r /build/gpu/requirements-gpu.txt \
+        -c /build/gpu/constraints-gpu.txt \
+        -c /build/gpu/gpu-constraints.txt \
+        --build-constraint /build/gpu/gpu-constraints.txt \
+    && pip check \
+    && if pip show --quiet tensorflow-cpu 2>/dev/null; then \
+        echo "tensorflow-cpu must not be in the GPU image" >&2; exit 1; fi
+
+# --------------------------------------------------------------------------------------------
+# wheel: the carclassifier wheel alone (build tools pinned by --build-constraint).
+FROM deps AS wheel
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY src ./src
+RUN pip wheel --no-cache-dir --no-deps --build-constraint /build/gpu/gpu-constraints.txt \
+        --wheel-dir /wheels .
+
+# --------------------------------------------------------------------------------------------
+FROM base AS runtime
+# A fixed numeric uid/gid, so pods can use runAsNonRoot/runAsUser: 1000 and Kubernetes can
+# verify it; a home for the caches Keras, matplotlib and the Kaggle client write.
+RUN groupadd --gid 1000 carclassifier \
+    && useradd --uid 1000 --gid 1000 --no-log-init --create-home \
+        --home-dir /home/carclassifier --shell /bin/bash carclassifier \
+    && install -d -o 1000 -g 1000 /workspace
+COPY --from=deps /opt/venv /opt/venv
+# The package without its dependencies (they are all in the venv; --no-deps keeps pip from
+# pulling tensorflow-cpu, which carclassifier's metadata names), then a smoke check.
+RUN --mount=type=bind,from=wheel,source=/wheels,target=/tmp/wheels \
+    pip install --no-cache-dir --no-deps /tmp/wheels/carclassifier-*.whl \
+    && carclassifier --help > /dev/null \
+    && python -c "import albumentations, carclassifier, cv2, google.cloud.storage, keras, kfp, tensorflow"
+# GKE mounts the node's NVIDIA driver at /usr/local/nvidia (libraries in lib64, nvidia-smi in
+# bin); other clusters' NVIDIA container toolkit injects it into the system library path.
+# NVIDIA_VISIBLE_DEVICES is deliberately not set: the device plugin sets it per pod, and "all"
+# in the image would expose every GPU of a node to pods that did not request one.
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/home/carclassifier \
+    MPLBACKEND=Agg \
+    LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/nvidia/lib \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+WORKDIR /workspace
+USER 1000:1000
+
+# Last, so a new commit only changes metadata, not the layers above.
+ARG VERSION=0.1.0
+ARG VCS_REF=unknown
+ARG BUILD_DATE=unknown
+ARG SOURCE_URL=unknown
+LABEL org.opencontainers.image.title="carclassifier-trainer" \
+      org.opencontainers.image.description="GPU trainer for the carclassifier Kubeflow pipeline: TensorFlow 2.21 (CUDA 12.5, cuDNN 9.3 wheels), Keras 3, kfp 2.17 and the carclassifier package" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${VCS_REF}" \
+      org.opencontainers.image.created="${BUILD_DATE}" \
+      org.opencontainers.image.source="${SOURCE_URL}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="docker.io/library/python:3.11.16-slim-bookworm"
+
+# kfp overrides the command; run by hand, the image prints the CLI's help.
+CMD ["carclassifier", "--help"]
