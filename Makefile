@@ -6,7 +6,24 @@ CONFIG ?= configs/recipe_lite0_local.yaml
 RUN_DIR ?= runs/local
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c requirements/lock.txt
 
-.PHONY: help install install-reference test lint eda run-local bench clean
+# Kubeflow: the trainer image, the recipe the pipeline is built from, the cluster
+# (python -m pipelines.submit reads KFP_HOST, KFP_NAMESPACE, EXPERIMENT, PIPELINE_ROOT, KFP_TOKEN,
+# KFP_COOKIES from the environment; keep tokens out of this file: KFP_TOKEN=... make submit-pipeline)
+IMAGE ?= ghcr.io/carclassifier/trainer:0.1.0
+DOCKER ?= docker
+PIPELINE_CONFIG ?= configs/recipe_b6.yaml
+PIPELINE_PACKAGE ?= pipelines/compiled/car_classifier.yaml
+RETRAIN_PACKAGE ?= pipelines/compiled/car_classifier_retrain.yaml
+KFP_HOST ?=
+KFP_NAMESPACE ?=
+EXPERIMENT ?= carclassifier
+PIPELINE_ROOT ?=
+CRON ?= 0 3 * * 0
+PARAMS ?=
+export KFP_HOST KFP_NAMESPACE EXPERIMENT PIPELINE_ROOT
+
+.PHONY: help install install-reference test lint eda run-local bench clean compile run-pipeline-local \
+	submit-pipeline schedule unschedule image push-image manifests-validate
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -25,7 +42,7 @@ test: install  ## run the test suite
 	$(PY) -m pytest
 
 lint: install  ## ruff
-	$(VENV)/bin/ruff check src tests benchmarks components pipelines
+	$(VENV)/bin/ruff check src tests benchmarks components pipelines docker
 
 eda: install  ## EDA report of the demo data (CONFIG=... for another dataset)
 	$(VENV)/bin/carclassifier eda --config $(CONFIG)
@@ -35,6 +52,34 @@ run-local: install  ## the whole recipe on the embedded default (RUN_DIR=runs/lo
 
 bench: install  ## benchmarks, results into benchmarks/results/
 	$(PY) benchmarks/input_pipeline.py
+
+compile: install  ## the recipe's kfp pipeline -> pipelines/compiled/car_classifier.yaml (IMAGE=...)
+	$(PY) -m pipelines compile --config $(PIPELINE_CONFIG) --out $(PIPELINE_PACKAGE) --image $(IMAGE)
+
+run-pipeline-local: install  ## the same pipeline with kfp.local on the local Lite0 recipe
+	$(PY) -m pipelines run-local --config $(CONFIG) --root runs/pipeline-local
+
+submit-pipeline: compile  ## upload (a new version only if changed) and start a run on KFP_HOST
+	$(PY) -m pipelines.submit submit --package $(PIPELINE_PACKAGE) $(PARAMS)
+
+schedule: install  ## scheduled retraining: make schedule CRON="0 3 * * 0" (fresh data every run)
+	$(PY) -m pipelines compile --config $(PIPELINE_CONFIG) --out $(RETRAIN_PACKAGE) --image $(IMAGE) --no-cache-data
+	$(PY) -m pipelines.submit schedule --package $(RETRAIN_PACKAGE) --cron "$(CRON)" $(PARAMS)
+
+unschedule: install  ## delete the recurring retraining run
+	$(PY) -m pipelines.submit unschedule
+
+image:  ## build the GPU trainer image (IMAGE=registry/path:tag; needs Docker with BuildKit)
+	$(DOCKER) build --platform linux/amd64 -f docker/trainer.Dockerfile \
+	  --build-arg VCS_REF=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
+	  --build-arg BUILD_DATE=$$(date -u +%Y-%m-%dT%H:%M:%SZ) \
+	  -t $(IMAGE) .
+
+push-image: image  ## build and push: make push-image IMAGE=REGISTRY/carclassifier/trainer:TAG
+	$(DOCKER) push $(IMAGE)
+
+manifests-validate: install  ## Dockerfile checks + manifests against Kubernetes and KServe schemas
+	$(PY) -m pytest -q tests/test_docker_manifests.py
 
 clean:  ## remove run outputs (keeps .venv)
 	rm -rf runs tests/artifacts

@@ -1,0 +1,25 @@
+"""Evaluate the final model on the validation split, plain and with TTA."""
+
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+
+from components._base import trainer_component
+
+
+@trainer_component
+def evaluate_model(
+    dataset: Input[Dataset],
+    model: Input[Model],
+    metrics: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
+    confusion_tta: Output[ClassificationMetrics],
+    report: Output[HTML],
+    evaluation: Output[Artifact],
+):
+    """Accuracy, loss and macro F1 without and with test-time augmentation, confusion matrices
+    (UI and CSV), per-class metrics and validation predictions."""
+    from carclassifier import steps
+
+    result = steps.evaluate(dataset.path, model.path, evaluation.path, report.path)
+    steps.log_metrics(metrics, result["metrics"])
+    steps.log_confusion(confusion, result["class_names"], result["confusion"])
+    steps.log_confusion(confusion_tta, result["class_names"], result["confusion_tta"])

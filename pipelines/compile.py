@@ -1,0 +1,77 @@
+"""Compile the pipeline of a recipe to kfp IR YAML.
+
+    python -m pipelines.compile --config configs/recipe_b6.yaml \
+        --out pipelines/compiled/car_classifier.yaml [--image REGISTRY/trainer:TAG]
+
+The same recipe and options always give the same bytes (the IR holds no timestamps), so the
+compiled file can be committed and diffed.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from carclassifier.errors import CarClassifierError
+from components import IMAGE_ENV, TRAINER_IMAGE
+from pipelines.car_classifier import ClusterOptions, compile_pipeline
+
+DEFAULT_OUT = Path("pipelines/compiled/car_classifier.yaml")
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The compile options (shared with ``python -m pipelines compile``)."""
+    parser.add_argument("--config", type=Path, required=True, help="recipe YAML")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}")
+    parser.add_argument(
+        "--image",
+        default=TRAINER_IMAGE,
+        help=f"trainer image (default ${IMAGE_ENV} or {TRAINER_IMAGE})",
+    )
+    parser.add_argument(
+        "--no-cache-data",
+        action="store_true",
+        help="never cache the prepare task (scheduled retraining on the latest data)",
+    )
+    parser.add_argument(
+        "--gpu-node-label",
+        type=_label,
+        action="append",
+        metavar="KEY=VALUE",
+        help="node selector of the GPU tasks (repeatable; default "
+        + ", ".join(f"{k}={v}" for k, v in ClusterOptions().gpu_node_selector.items())
+        + ")",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compile as ``args`` say; print the output path."""
+    options = ClusterOptions()
+    if args.gpu_node_label:
+        options = ClusterOptions(gpu_node_selector=dict(args.gpu_node_label))
+    try:
+        out = compile_pipeline(args.config, args.out, args.image, not args.no_cache_data, options)
+    except CarClassifierError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipelines.compile``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.compile", description=__doc__.split("\n")[0]
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
