@@ -30,6 +30,20 @@ def write_image(
     return path
 
 
+def tiny_model(size: int = 32, num_classes: int = 3):
+    """Raw 0..255 RGB in, softmax out, seeded weights; a conv so that augmented views differ.
+    For tests where the backbone does not matter."""
+    import keras
+
+    init = keras.initializers.GlorotUniform(seed=1)
+    inputs = keras.Input((size, size, 3), name="image")
+    x = keras.layers.Rescaling(1.0 / 255.0)(inputs)
+    x = keras.layers.Conv2D(8, 3, activation="relu", kernel_initializer=init)(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", kernel_initializer=init)(x)
+    return keras.Model(inputs, outputs)
+
+
 @pytest.fixture
 def make_folder_dataset(tmp_path: Path):
     """Factory: class folders ``root/<class>/img_<i>.jpg`` with ``per_class`` images each."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import tiny_model
 from PIL import Image
 
 from carclassifier.augment import tta_transform
@@ -18,19 +19,6 @@ from carclassifier.evaluate import evaluate_model, predict_proba, predict_views
 
 SIZE = 32
 CLASSES = ["audi", "bmw", "lada"]
-
-
-def tiny_model(size: int = SIZE, num_classes: int = 3):
-    """Raw 0..255 RGB in, softmax out; seeded weights; a conv so that TTA views differ."""
-    import keras
-
-    init = keras.initializers.GlorotUniform(seed=1)
-    inputs = keras.Input((size, size, 3), name="image")
-    x = keras.layers.Rescaling(1.0 / 255.0)(inputs)
-    x = keras.layers.Conv2D(8, 3, activation="relu", kernel_initializer=init)(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", kernel_initializer=init)(x)
-    return keras.Model(inputs, outputs)
 
 
 @pytest.fixture(scope="module")

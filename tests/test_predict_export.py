@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import write_image
+from conftest import tiny_model, write_image
 
 from carclassifier.errors import DatasetError, StorageError
 from carclassifier.evaluate import predict_proba
@@ -19,19 +19,6 @@ from carclassifier.predict import predict_folder
 
 SIZE = 32
 CLASSES = ["audi", "bmw", "lada"]
-
-
-def tiny_model(num_classes: int = 3):
-    """Raw 0..255 RGB in, softmax out, seeded weights (the backbone does not matter here)."""
-    import keras
-
-    init = keras.initializers.GlorotUniform(seed=1)
-    inputs = keras.Input((SIZE, SIZE, 3), name="image")
-    x = keras.layers.Rescaling(1.0 / 255.0)(inputs)
-    x = keras.layers.Conv2D(8, 3, activation="relu", kernel_initializer=init)(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", kernel_initializer=init)(x)
-    return keras.Model(inputs, outputs)
 
 
 @pytest.fixture(scope="module")
