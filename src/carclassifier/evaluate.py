@@ -49,6 +49,17 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError
 # --------------------------------------------------------------------------- prediction
 
 
+def check_class_names(model: Any, class_names: Sequence[str], hint: str = "") -> int:
+    """The model's number of classes; `DatasetError` when ``class_names`` has another length."""
+    num_classes = int(model.output_shape[-1])
+    if len(class_names) != num_classes:
+        raise DatasetError(
+            f"{len(class_names)} class names but the model outputs {num_classes} classes"
+            + (f"; {hint}" if hint else "")
+        )
+    return num_classes
+
+
 def model_image_size(model: Any) -> tuple[int, int]:
     """The (height, width) a model takes, from ``model.input_shape``."""
     shape = model.input_shape
@@ -326,12 +337,9 @@ def evaluate_model(
         raise StorageError(
             f"evaluation writes to a local folder; {out_dir} is gs:// (write locally, then upload)"
         )
-    num_classes = int(model.output_shape[-1])
-    if len(class_names) != num_classes:
-        raise DatasetError(
-            f"{len(class_names)} class names but the model outputs {num_classes} classes; "
-            "evaluate with the model trained on this dataset"
-        )
+    num_classes = check_class_names(
+        model, class_names, "evaluate with the model trained on this dataset"
+    )
     labels = _check_frame(frame, num_classes)
     height, width = model_image_size(model)
     views = config.augment.tta_views

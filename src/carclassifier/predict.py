@@ -18,7 +18,7 @@ import pandas as pd
 
 from carclassifier.data import is_image_name
 from carclassifier.errors import DatasetError, StorageError
-from carclassifier.evaluate import Transform, predict_proba
+from carclassifier.evaluate import Transform, check_class_names, predict_proba
 from carclassifier.storage import is_gcs_uri
 
 log = logging.getLogger(__name__)
@@ -104,11 +104,7 @@ def predict_folder(
         raise StorageError(
             f"submissions are written to a local file; {out_csv} is gs:// (write locally, then upload)"
         )
-    num_classes = int(model.output_shape[-1])
-    if len(class_names) != num_classes:
-        raise DatasetError(
-            f"{len(class_names)} class names but the model outputs {num_classes} classes"
-        )
+    check_class_names(model, class_names)
     images = find_images(images_dir)
     if not images:
         raise DatasetError(
