@@ -385,7 +385,8 @@ def _more(total: int, cap: int, what: str) -> str:
     return f'<p class="note">… and {total - cap} more {what} (see validation.json).</p>'
 
 
-def _data_uri(path: Path) -> str:
+def png_data_uri(path: Path) -> str:
+    """A PNG file as a data URI, for self-contained HTML pages."""
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
@@ -410,7 +411,7 @@ def render_html(report: ValidationReport, figures: dict[str, tuple[Path, str]]) 
         ]
     )
     figs = "".join(
-        f'<figure><img src="{_data_uri(p)}" alt="{E(name)}">'
+        f'<figure><img src="{png_data_uri(p)}" alt="{E(name)}">'
         f"<figcaption>{E(caption)}</figcaption></figure>"
         for name, (p, caption) in figures.items()
     )

@@ -25,7 +25,6 @@ the run another name (override ``name=...``).
 
 from __future__ import annotations
 
-import base64
 import functools
 import hashlib
 import html
@@ -44,6 +43,7 @@ import pandas as pd
 
 from carclassifier import storage
 from carclassifier.config import RunConfig, dump_config, load_config
+from carclassifier.eda import png_data_uri
 from carclassifier.errors import ConfigError, DatasetError
 from carclassifier.prepare import PreparedData, load_prepared
 
@@ -273,8 +273,7 @@ def _write_json(path: str, value: Any) -> None:
 
 
 def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+    return f'<img alt="{html.escape(alt)}" src="{png_data_uri(path)}">'
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
