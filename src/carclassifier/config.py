@@ -7,6 +7,7 @@ is the only way the CLI, the components and the tests build a `RunConfig`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,57 @@ from carclassifier.errors import ConfigError
 
 SIZE_MULTIPLE = 32
 """Every backbone in the registry downsamples by 32: image sizes must be multiples of it."""
+MAX_IMAGE_SIZE = 2048
+"""Largest input size accepted (the recipe's largest is 448; EfficientNet-B7's default 600)."""
+MAX_SEED = 2**31 - 1
+"""Seeds go to numpy and keras.utils.set_random_seed (with the epoch added): keep them 31-bit."""
+
+_GCS_BUCKET = re.compile(r"^[a-z0-9](?:[a-z0-9_.-]{1,220}[a-z0-9])$")
+
+
+def check_location(value: str, what: str, object_required: bool = False) -> str:
+    """A local path or a ``gs://bucket/object`` URI; anything else with ``://`` (another scheme,
+    a malformed bucket name, ``gs:/x``) raises ``ValueError`` naming ``what``.
+
+    Bucket names follow Cloud Storage's rules (3-63 characters, or up to 222 with dots;
+    lower-case letters, digits, ``-``, ``_`` and ``.``; starting and ending with a letter or a
+    digit). ``object_required``: the URI must name an object, not just a bucket.
+    """
+    text = str(value)
+    if not text.strip():
+        raise ValueError(f"{what} is empty")
+    if any(ch in text for ch in "\x00\r\n"):
+        raise ValueError(f"{what} {text!r} contains a control character")
+    if text.startswith(("gs:/", "gs:\\")) and not text.startswith("gs://"):
+        raise ValueError(f"{what} {text!r} is malformed: write gs://BUCKET/PATH")
+    if "://" not in text:
+        return text
+    scheme, _, rest = text.partition("://")
+    if scheme != "gs":
+        raise ValueError(
+            f"{what} {text!r}: only local paths and gs://BUCKET/PATH URIs are supported, "
+            f"not {scheme}://"
+        )
+    bucket, _, blob = rest.partition("/")
+    longest = 222 if "." in bucket else 63
+    if not (3 <= len(bucket) <= longest and _GCS_BUCKET.match(bucket)) or ".." in bucket:
+        raise ValueError(
+            f"{what} {text!r}: {bucket!r} is not a valid Cloud Storage bucket name (3-63 "
+            "lower-case letters, digits, '-', '_' or '.', starting and ending with a letter or digit)"
+        )
+    if object_required and not blob.strip("/"):
+        raise ValueError(f"{what} {text!r} names a bucket but no object: write gs://{bucket}/PATH")
+    if len(blob.encode("utf-8")) > 1024:
+        raise ValueError(f"{what} {text!r}: object names are at most 1024 bytes")
+    return text
+
+
+def _location_or_none(what: str):  # noqa: ANN202 - a pydantic field validator
+    def check(value: str | None) -> str | None:
+        return None if value is None else check_location(value, what)
+
+    return check
+
 
 TransformSpec = dict[str, dict[str, Any]]
 """One albumentations transform: ``{ClassName: {param: value}}`` (see `carclassifier.augment`)."""
@@ -50,10 +102,12 @@ class DataConfig(_Section):
     val_fraction: float = Field(
         0.2, gt=0.0, lt=1.0, description="Share of each class kept for validation."
     )
-    seed: int = Field(42, description="Seed of the train/validation split.")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed of the train/validation split.")
     min_images_per_class: int = Field(
         2, ge=1, description="Fewer usable images in any class stops the run."
     )
+
+    _root = field_validator("root")(_location_or_none("data.root"))
 
 
 def _default_train_transforms() -> list[TransformSpec]:
@@ -107,7 +161,9 @@ class AugmentConfig(_Section):
 
     train: list[TransformSpec] = Field(default_factory=_default_train_transforms)
     tta: list[TransformSpec] = Field(default_factory=_default_tta_transforms)
-    tta_views: int = Field(5, ge=1, description="Augmented views averaged per image by TTA.")
+    tta_views: int = Field(
+        5, ge=1, le=100, description="Augmented views averaged per image by TTA."
+    )
 
     @field_validator("train", "tta")
     @classmethod
@@ -126,9 +182,11 @@ class InputConfig(_Section):
     pipeline: Literal["tf_data", "image_data_augmentor"] = Field(
         "tf_data", description="tf_data (fast) or image_data_augmentor (the recipe's generator)."
     )
-    image_size: int = Field(224, ge=32, description="Square input size in pixels (multiple of 32).")
-    batch_size: int = Field(16, ge=1)
-    workers: int = Field(2, ge=1, description="Parallel decode/augment workers.")
+    image_size: int = Field(
+        224, ge=32, le=MAX_IMAGE_SIZE, description="Square input size in pixels (multiple of 32)."
+    )
+    batch_size: int = Field(16, ge=1, le=4096)
+    workers: int = Field(2, ge=1, le=256, description="Parallel decode/augment workers.")
 
     _size = field_validator("image_size")(_check_size)
 
@@ -146,8 +204,8 @@ class HeadConfig(_Section):
     @field_validator("dense_units")
     @classmethod
     def _positive_units(cls, value: list[int]) -> list[int]:
-        if any(units < 1 for units in value):
-            raise ValueError("dense layer sizes must be positive")
+        if any(units < 1 or units > 65536 for units in value):
+            raise ValueError("dense layer sizes must be between 1 and 65536")
         return value
 
 
@@ -160,6 +218,8 @@ class ModelConfig(_Section):
     )
     head: HeadConfig = Field(default_factory=HeadConfig)
 
+    _weights = field_validator("weights")(_location_or_none("model.weights"))
+
 
 Monitor = Literal["val_accuracy", "val_loss"]
 
@@ -170,8 +230,8 @@ class ReduceLRConfig(_Section):
     enabled: bool = True
     monitor: Monitor = "val_accuracy"
     factor: float = Field(0.3, gt=0.0, lt=1.0)
-    patience: int = Field(3, ge=1)
-    min_lr: float = Field(1e-8, ge=0.0)
+    patience: int = Field(3, ge=1, le=10000)
+    min_lr: float = Field(1e-8, ge=0.0, le=1.0)
 
 
 class ScheduleConfig(_Section):
@@ -181,7 +241,7 @@ class ScheduleConfig(_Section):
     min_lr_fraction: float = Field(
         0.01, ge=0.0, le=1.0, description="cosine: final LR / initial LR."
     )
-    step_epochs: int = Field(3, ge=1, description="step: epochs between LR drops.")
+    step_epochs: int = Field(3, ge=1, le=10000, description="step: epochs between LR drops.")
     step_factor: float = Field(0.5, gt=0.0, lt=1.0, description="step: LR multiplier at each drop.")
 
 
@@ -190,7 +250,7 @@ class EarlyStoppingConfig(_Section):
 
     enabled: bool = False
     monitor: Monitor = "val_accuracy"
-    patience: int = Field(4, ge=1)
+    patience: int = Field(4, ge=1, le=10000)
 
 
 class StageConfig(_Section):
@@ -200,17 +260,19 @@ class StageConfig(_Section):
         pattern=r"^[a-z0-9_]+$", description="e.g. stage_2; used in file and task names."
     )
     description: str = Field("", description="Shown in logs and the run graph.")
-    epochs: int = Field(ge=1)
+    epochs: int = Field(ge=1, le=10000)
     unfreeze: float = Field(
         ge=0.0,
         le=1.0,
         description="Share of backbone blocks trained, counted from the top (0 = head only).",
     )
     learning_rate: float = Field(gt=0.0, le=1.0)
-    image_size: int | None = Field(None, ge=32, description="Default: input.image_size.")
-    batch_size: int | None = Field(None, ge=1, description="Default: input.batch_size.")
+    image_size: int | None = Field(
+        None, ge=32, le=MAX_IMAGE_SIZE, description="Default: input.image_size."
+    )
+    batch_size: int | None = Field(None, ge=1, le=4096, description="Default: input.batch_size.")
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     train_batchnorm: bool = Field(
         False, description="Train unfrozen BatchNormalization layers (default: keep them frozen)."
@@ -251,9 +313,11 @@ class TrainConfig(_Section):
     )
     jit_compile: bool = Field(False, description="XLA-compile the train step.")
     steps_per_epoch: int | None = Field(
-        None, ge=1, description="Cap batches per epoch (tests, smoke runs)."
+        None, ge=1, le=10**7, description="Cap batches per epoch (tests, smoke runs)."
     )
-    keep_checkpoints: int = Field(1, ge=1, description="Per-epoch checkpoints kept (the newest).")
+    keep_checkpoints: int = Field(
+        1, ge=1, le=1000, description="Per-epoch checkpoints kept (the newest)."
+    )
 
 
 class RunConfig(_Section):
@@ -266,7 +330,9 @@ class RunConfig(_Section):
     input: InputConfig = Field(default_factory=InputConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    stages: list[StageConfig] = Field(default_factory=_default_stages, min_length=1)
+    stages: list[StageConfig] = Field(default_factory=_default_stages, min_length=1, max_length=100)
+
+    _output_dir = field_validator("output_dir")(_location_or_none("output_dir"))
 
     @model_validator(mode="after")
     def _stages_make_a_recipe(self) -> RunConfig:
@@ -311,11 +377,25 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     return f"invalid config {source}: " + "; ".join(parts)
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc)
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
+
+
 def _apply_override(data: dict[str, Any], override: str) -> None:
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {override!r} is not KEY=VALUE, e.g. input.batch_size=8")
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"override {override!r}: the value is not valid YAML ({_yaml_problem(exc)}); "
+            "quote text values, e.g. data.root='my folder'"
+        ) from None
     node: Any = data
     *parents, leaf = key.strip().split(".")
     for part in parents:
@@ -353,12 +433,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         source = str(path)
         try:
             text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"config {path} is not UTF-8 text; save it as UTF-8 YAML") from None
         except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+            raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+        except ValueError as exc:  # e.g. a NUL byte in the path
+            raise ConfigError(f"cannot read config {path!r}: {exc}") from None
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+            raise ConfigError(f"config {path} is not valid YAML: {_yaml_problem(exc)}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
