@@ -5,7 +5,7 @@ import pytest
 from carclassifier.augment import train_transform
 from carclassifier.config import AugmentConfig, load_config
 from carclassifier.data import load_dataset, load_image, make_split
-from carclassifier.inputs import ImageDataAugmentor, make_inputs
+from carclassifier.inputs import ImageDataAugmentor, batches_per_epoch, make_inputs
 
 
 @pytest.fixture
@@ -20,9 +20,11 @@ def config(pipeline):
     )
 
 
-def collect(batches):
+def collect(batches, steps=None):
+    """One epoch; ``steps`` batches of an endless (training) tf.data pipeline."""
     if hasattr(batches, "as_numpy_iterator"):
-        return list(batches.as_numpy_iterator())
+        iterator = batches.as_numpy_iterator()
+        return list(iterator) if steps is None else [next(iterator) for _ in range(steps)]
     return [batches[i] for i in range(len(batches))]
 
 
@@ -48,7 +50,8 @@ def test_both_pipelines_agree_on_shapes_labels_and_range_when_augmenting(split_d
     out = {}
     for pipeline in ("tf_data", "image_data_augmentor"):
         batches = collect(
-            make_inputs(config(pipeline), ds.root, train, ds.class_names, training=True)
+            make_inputs(config(pipeline), ds.root, train, ds.class_names, training=True),
+            steps=batches_per_epoch(len(train), 4),
         )
         x = np.concatenate([b[0] for b in batches])
         y = np.concatenate([b[1] for b in batches])

@@ -16,7 +16,10 @@ on top of `keras.utils.PyDataset`::
 
 from __future__ import annotations
 
+import copy
 import math
+import random
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -33,8 +36,30 @@ ClassMode = Literal["categorical", "sparse", "raw"]
 Transform = Callable[..., dict[str, Any]]
 
 
+def example_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of example ``index`` (its row in the frame) in ``epoch``."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0])
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The order of the ``n`` examples in ``epoch``: a permutation seeded by (seed, epoch)."""
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    """Batches in one epoch of ``n`` examples (the last one may be short): ``steps_per_epoch``."""
+    return math.ceil(n / batch_size)
+
+
 class ExampleMaker:
-    """Turns a path into a model-ready float32 image: decode, augment, preprocess, rescale."""
+    """Turns a path into a model-ready float32 image: decode, augment, preprocess, rescale.
+
+    With a ``seed`` the augmentation draws from its own generators seeded by it (see
+    `example_seed`), on a per-thread copy of the transform, so an example's pixels depend on
+    (seed, epoch, index) only, never on which worker made it or in which order.
+    """
 
     def __init__(
         self,
@@ -47,17 +72,75 @@ class ExampleMaker:
         self.augment = augment
         self.preprocess_input = preprocess_input
         self.rescale = rescale
+        self._local = threading.local()
 
-    def __call__(self, path: str | Path) -> np.ndarray:
-        image = load_image(path, self.target_size)
+    def _thread_augment(self) -> Transform:
+        augment = getattr(self._local, "augment", None)
+        if augment is None:
+            augment = self._local.augment = copy.deepcopy(self.augment)
+        return augment
+
+    def finish(self, image: np.ndarray, seed: int | None = None) -> np.ndarray:
+        """Augment (seeded when ``seed`` is given), preprocess and rescale a decoded image."""
         if self.augment is not None:
-            image = self.augment(image=image)["image"]
+            if seed is None:
+                image = self.augment(image=image)["image"]
+            else:
+                augment = self._thread_augment()
+                augment.set_random_state(np.random.default_rng(seed), random.Random(seed))
+                image = augment(image=image)["image"]
         x = image.astype(np.float32)
         if self.preprocess_input is not None:
             x = np.asarray(self.preprocess_input(x), dtype=np.float32)
         if self.rescale:
             x = x * np.float32(self.rescale)
         return x
+
+    def __call__(self, path: str | Path, seed: int | None = None) -> np.ndarray:
+        return self.finish(load_image(path, self.target_size), seed)
+
+
+class Examples:
+    """The images of a fixed list of files, decoded at the target size, optionally kept in memory.
+
+    The cache holds exactly what `load_image` returns (uint8, before augmentation), so a cached
+    epoch has the same pixels as an uncached one; epochs after the first skip JPEG decoding.
+    """
+
+    def __init__(self, filepaths: Sequence[str], maker: ExampleMaker, cache: bool = False) -> None:
+        self.filepaths = list(filepaths)
+        self.maker = maker
+        self.cache: dict[int, np.ndarray] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.filepaths)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes the cache holds once every image is in it."""
+        height, width = self.maker.target_size
+        return len(self.filepaths) * height * width * 3
+
+    def decoded(self, index: int) -> np.ndarray:
+        """Image ``index`` as uint8 RGB at the target size (from the cache when there)."""
+        if self.cache is None:
+            return load_image(self.filepaths[index], self.maker.target_size)
+        image = self.cache.get(index)
+        if image is None:
+            image = self.cache[index] = load_image(self.filepaths[index], self.maker.target_size)
+        return image
+
+    def batch(self, indices: Sequence[int], epoch: int, seed: int | None) -> np.ndarray:
+        """Model-ready images of ``indices`` in ``epoch``; augmentation seeded per example when
+        ``seed`` is given."""
+        return np.stack(
+            [
+                self.maker.finish(
+                    self.decoded(int(i)), None if seed is None else example_seed(seed, epoch, i)
+                )
+                for i in indices
+            ]
+        )
 
 
 def encode_labels(labels: np.ndarray, num_classes: int, class_mode: ClassMode) -> np.ndarray:
@@ -70,7 +153,11 @@ def encode_labels(labels: np.ndarray, num_classes: int, class_mode: ClassMode) -
 
 
 class DataFrameIterator(keras.utils.PyDataset):
-    """Batches of (images, labels) from a dataframe; what `ImageDataAugmentor.flow_*` returns."""
+    """Batches of (images, labels) from a dataframe; what `ImageDataAugmentor.flow_*` returns.
+
+    Epoch ``e`` (counted from ``initial_epoch``, advanced by ``on_epoch_end``) is a function of
+    (seed, e) only: order `epoch_order`, augmentation seeded per example by `example_seed`.
+    """
 
     def __init__(
         self,
@@ -85,25 +172,32 @@ class DataFrameIterator(keras.utils.PyDataset):
         workers: int = 1,
         use_multiprocessing: bool = False,
         max_queue_size: int = 10,
+        initial_epoch: int = 0,
+        cache: bool = False,
     ) -> None:
         super().__init__(
             workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size
         )
-        self.filepaths = list(filepaths)
+        self.examples = Examples(filepaths, maker, cache)
         self.labels = np.asarray(labels)
         self.class_indices = dict(class_indices)
         self.maker = maker
         self.batch_size = batch_size
         self.shuffle = shuffle
-        self.seed = seed
+        # no seed: a random one, drawn once, so that the epochs still differ from each other
+        self.seed = int(np.random.default_rng().integers(2**63)) if seed is None else seed
         self.class_mode = class_mode
-        self.epoch = 0
+        self.epoch = initial_epoch
         self.index_array = self._order()
 
     # Keras-compatible attributes of the old DirectoryIterator
     @property
+    def filepaths(self) -> list[str]:  # noqa: D102
+        return self.examples.filepaths
+
+    @property
     def n(self) -> int:  # noqa: D102
-        return len(self.filepaths)
+        return len(self.examples)
 
     samples = n
 
@@ -116,20 +210,16 @@ class DataFrameIterator(keras.utils.PyDataset):
         return len(self.class_indices)
 
     def _order(self) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.n)
-        return np.random.default_rng(
-            None if self.seed is None else self.seed + self.epoch
-        ).permutation(self.n)
+        return epoch_order(self.n, self.seed, self.epoch, self.shuffle)
 
     def __len__(self) -> int:
-        return math.ceil(self.n / self.batch_size)
+        return batches_per_epoch(self.n, self.batch_size)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if index >= len(self):
             raise IndexError(f"batch {index} out of range ({len(self)} batches)")
         chosen = self.index_array[index * self.batch_size : (index + 1) * self.batch_size]
-        images = np.stack([self.maker(self.filepaths[i]) for i in chosen])
+        images = self.examples.batch(chosen, self.epoch, self.seed)
         return images, encode_labels(self.labels[chosen], self.num_classes, self.class_mode)
 
     def on_epoch_end(self) -> None:
@@ -186,8 +276,11 @@ class ImageDataAugmentor:
         workers: int = 1,
         use_multiprocessing: bool = False,
         max_queue_size: int = 10,
+        initial_epoch: int = 0,
+        cache: bool = False,
     ) -> DataFrameIterator:
-        """Batches from ``dataframe[x_col]`` (paths, relative to ``directory`` if given)."""
+        """Batches from ``dataframe[x_col]`` (paths, relative to ``directory`` if given), starting
+        at epoch ``initial_epoch``; ``cache`` keeps decoded images in memory between epochs."""
         for column in (x_col, y_col):
             if column not in dataframe.columns:
                 raise ValueError(
@@ -209,6 +302,8 @@ class ImageDataAugmentor:
             workers,
             use_multiprocessing,
             max_queue_size,
+            initial_epoch,
+            cache,
         )
 
     def flow_from_directory(
@@ -246,24 +341,56 @@ def make_tf_dataset(
     shuffle: bool = True,
     seed: int | None = None,
     class_mode: ClassMode = "categorical",
+    initial_epoch: int = 0,
+    repeat: bool = False,
+    num_parallel_calls: int | None = None,
+    cache: bool = False,
 ):  # noqa: ANN201 - tf.data.Dataset, tensorflow imported lazily
-    """A tf.data pipeline with the same examples as `DataFrameIterator`: parallel map
-    (AUTOTUNE) over `ExampleMaker`, batch, prefetch. Reshuffled every epoch when ``shuffle``."""
+    """A tf.data pipeline with the same batches as `DataFrameIterator`.
+
+    Elements are (epoch, indices of one batch), made from `epoch_order`; a parallel,
+    order-keeping map turns each into a batch with `Examples.batch`, so batch ``b`` of epoch
+    ``e`` depends on (seed, e, b) only, whatever the parallelism (``num_parallel_calls``, default
+    AUTOTUNE). ``repeat``: epochs ``initial_epoch, initial_epoch + 1, ...`` without end (give
+    ``model.fit`` ``steps_per_epoch=batches_per_epoch(n, batch_size)``); else the single epoch
+    ``initial_epoch``.
+    """
     import tensorflow as tf
 
+    n = len(filepaths)
+    if n == 0:
+        raise ValueError("no images to make batches from")
+    seed = int(np.random.default_rng().integers(2**63)) if seed is None else seed
     height, width = maker.target_size
-    encoded = encode_labels(np.asarray(labels), num_classes, class_mode)
-    ds = tf.data.Dataset.from_tensor_slices((np.asarray(filepaths, dtype=str), encoded))
-    if shuffle:
-        ds = ds.shuffle(len(filepaths), seed=seed, reshuffle_each_iteration=True)
+    examples = Examples(filepaths, maker, cache)
+    encoded = tf.constant(encode_labels(np.asarray(labels), num_classes, class_mode))
 
-    def _load(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        image = tf.numpy_function(lambda p: maker(p.decode()), [path], tf.float32, stateful=True)
-        image.set_shape((height, width, 3))
-        return image, label
+    def order(epoch: np.int64) -> np.ndarray:
+        return epoch_order(n, seed, int(epoch), shuffle).astype(np.int64)
 
-    ds = ds.map(_load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not shuffle)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
+        indices = tf.numpy_function(order, [epoch], tf.int64, stateful=False)
+        indices.set_shape((n,))
+        batches = tf.data.Dataset.from_tensor_slices(indices).batch(batch_size)
+        return batches.map(lambda chosen: (epoch, chosen))
+
+    def load(epoch: tf.Tensor, chosen: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        images = tf.numpy_function(
+            lambda e, i: examples.batch(i, int(e), seed), [epoch, chosen], tf.float32,
+            stateful=False,
+        )  # fmt: skip
+        images.set_shape((None, height, width, 3))
+        return images, tf.gather(encoded, chosen)
+
+    if repeat:
+        epochs = tf.data.Dataset.counter(initial_epoch)
+    else:
+        epochs = tf.data.Dataset.from_tensors(tf.constant(initial_epoch, tf.int64))
+    ds = epochs.flat_map(epoch_batches)
+    if not repeat:
+        ds = ds.apply(tf.data.experimental.assert_cardinality(batches_per_epoch(n, batch_size)))
+    ds = ds.map(load, num_parallel_calls=num_parallel_calls or tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def make_inputs(
@@ -273,9 +400,17 @@ def make_inputs(
     class_names: Sequence[str],
     training: bool,
     class_mode: ClassMode = "categorical",
+    initial_epoch: int = 0,
 ) -> Any:
     """Batches for ``frame`` (columns ``path``, ``label``) with the pipeline the config picks:
-    augmented and shuffled when ``training``, resized only and in order otherwise."""
+    augmented and shuffled when ``training``, resized only and in order otherwise.
+
+    Training batches of epoch ``e`` are a function of (``config.data.seed``, e) only, the same
+    for both pipelines and any number of workers; the first epoch yielded is ``initial_epoch``
+    (resume). Training with ``tf_data`` yields epochs without end: pass
+    ``steps_per_epoch=batches_per_epoch(len(frame), batch_size)`` to ``model.fit``.
+    The ``image_data_augmentor`` generator advances its epoch in ``on_epoch_end`` (Keras calls it).
+    """
     size = config.input.image_size
     seed = config.data.seed
     transform = train_transform(config.augment, size, seed) if training else val_transform(size)
@@ -293,6 +428,7 @@ def make_inputs(
             batch_size=config.input.batch_size,
             shuffle=training,
             workers=config.input.workers,
+            initial_epoch=initial_epoch,
         )
     maker = ExampleMaker((size, size), transform)
     paths = [str(Path(root) / p) for p in frame["path"]]
@@ -305,4 +441,7 @@ def make_inputs(
         training,
         seed,
         class_mode,
+        initial_epoch=initial_epoch,
+        repeat=training,
+        num_parallel_calls=config.input.workers,
     )

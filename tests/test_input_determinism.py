@@ -1,0 +1,142 @@
+"""Training inputs are a function of (seed, epoch): any parallelism, either pipeline, resumable."""
+
+import keras
+import numpy as np
+import pytest
+
+from carclassifier.config import load_config
+from carclassifier.data import load_dataset
+from carclassifier.inputs import batches_per_epoch, make_inputs
+
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from conftest import write_image
+
+    root = tmp_path_factory.mktemp("det")
+    for c, cls in enumerate(("audi", "bmw", "lada")):
+        for i in range(3):
+            write_image(root / cls / f"img_{i}.jpg", size=(60, 44), seed=c * 10 + i)
+    ds = load_dataset(root)
+    return ds, ds.records  # 9 images: batches of 4, 4, 1
+
+
+def config(pipeline: str, workers: int = 1, seed: int = 7):
+    return load_config(
+        None,
+        [
+            f"input.pipeline={pipeline}",
+            "input.image_size=32",
+            f"input.batch_size={BATCH}",
+            f"input.workers={workers}",
+            f"data.seed={seed}",
+        ],
+    )
+
+
+def epochs(inputs, count: int, steps: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """``count`` epochs of training batches, read the way ``model.fit`` reads them."""
+    if hasattr(inputs, "as_numpy_iterator"):  # tf.data: one endless iterator, steps per epoch
+        iterator = inputs.as_numpy_iterator()
+        return [[next(iterator) for _ in range(steps)] for _ in range(count)]
+    out = []  # PyDataset: Keras' adapter with its worker threads, on_epoch_end between epochs
+    from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+
+    adapter = PyDatasetAdapter(inputs, shuffle=False)
+    for _ in range(count):
+        adapter.on_epoch_begin()
+        out.append(list(adapter.get_numpy_iterator()))
+        adapter.on_epoch_end()
+    return out
+
+
+def make(dataset, pipeline: str, workers: int = 1, initial_epoch: int = 0, seed: int = 7):
+    ds, frame = dataset
+    return make_inputs(
+        config(pipeline, workers, seed), ds.root, frame, ds.class_names, training=True,
+        initial_epoch=initial_epoch,
+    )  # fmt: skip
+
+
+def assert_same(a, b) -> None:
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+
+
+def flat(epoch) -> np.ndarray:
+    return np.concatenate([x for x, _ in epoch])
+
+
+@pytest.mark.parametrize("pipeline", ["tf_data", "image_data_augmentor"])
+def test_same_batches_whatever_the_parallelism(dataset, pipeline):
+    steps = batches_per_epoch(len(dataset[1]), BATCH)
+    serial = epochs(make(dataset, pipeline, workers=1), 2, steps)
+    parallel = epochs(make(dataset, pipeline, workers=3), 2, steps)
+    for a, b in zip(serial, parallel, strict=True):
+        assert_same(a, b)
+    assert [len(x) for x, _ in serial[0]] == [4, 4, 1]  # epochs never mix
+    assert not np.array_equal(flat(serial[0]), flat(serial[1]))  # epochs differ
+
+
+@pytest.mark.parametrize("pipeline", ["tf_data", "image_data_augmentor"])
+def test_resumed_pipeline_starts_with_the_epoch_it_resumes(dataset, pipeline):
+    steps = batches_per_epoch(len(dataset[1]), BATCH)
+    uninterrupted = epochs(make(dataset, pipeline), 3, steps)
+    resumed = epochs(make(dataset, pipeline, initial_epoch=2), 1, steps)
+    assert_same(resumed[0], uninterrupted[2])
+    assert not np.array_equal(flat(uninterrupted[1]), flat(uninterrupted[2]))
+    orders = [np.concatenate([y.argmax(1) for _, y in e]) for e in uninterrupted]
+    assert sorted(orders[0]) == sorted(orders[1]) == sorted(dataset[1]["label"])
+    assert len({tuple(o) for o in orders}) == 3  # reshuffled every epoch
+
+
+def test_both_pipelines_give_identical_training_batches_and_seed_matters(dataset):
+    steps = batches_per_epoch(len(dataset[1]), BATCH)
+    fast = epochs(make(dataset, "tf_data", workers=2), 2, steps)
+    recipe = epochs(make(dataset, "image_data_augmentor", workers=2), 2, steps)
+    for a, b in zip(fast, recipe, strict=True):
+        assert_same(a, b)
+    other_seed = epochs(make(dataset, "tf_data", seed=8), 1, steps)
+    assert not np.array_equal(flat(fast[0]), flat(other_seed[0]))
+
+
+@pytest.mark.parametrize("pipeline", ["tf_data", "image_data_augmentor"])
+def test_model_fit_resumed_at_epoch_k_sees_what_an_uninterrupted_fit_saw(dataset, pipeline):
+    """Records the input of every train step of model.fit, from 0 and resumed at epoch 2."""
+    steps = batches_per_epoch(len(dataset[1]), BATCH)
+
+    def fit(initial_epoch: int) -> dict[int, np.ndarray]:
+        inputs = make(dataset, pipeline, workers=2, initial_epoch=initial_epoch)
+        seen: dict[int, list[np.ndarray]] = {}
+
+        image = keras.Input((32, 32, 3))
+        pooled = keras.layers.GlobalAveragePooling2D()(image)
+        model = keras.Model(image, keras.layers.Dense(3, activation="softmax")(pooled))
+        model.compile("sgd", "categorical_crossentropy", run_eagerly=True)
+        epoch_box = [initial_epoch]
+
+        class Tap(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                epoch_box[0] = epoch
+                seen[epoch] = []
+
+        original = model.train_step
+
+        def train_step(data):
+            seen[epoch_box[0]].append(keras.ops.convert_to_numpy(data[0]))
+            return original(data)
+
+        model.train_step = train_step
+        model.fit(inputs, epochs=3, initial_epoch=initial_epoch, steps_per_epoch=steps,
+                  callbacks=[Tap()], verbose=0, shuffle=False)  # fmt: skip
+        return {e: np.concatenate(v) for e, v in seen.items()}
+
+    uninterrupted, resumed = fit(0), fit(2)
+    assert sorted(uninterrupted) == [0, 1, 2] and sorted(resumed) == [2]
+    assert len(resumed[2]) == len(dataset[1])  # one pass over the 9 images per epoch
+    np.testing.assert_array_equal(resumed[2], uninterrupted[2])
+    assert not np.array_equal(uninterrupted[1], uninterrupted[2])
