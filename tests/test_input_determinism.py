@@ -140,3 +140,52 @@ def test_model_fit_resumed_at_epoch_k_sees_what_an_uninterrupted_fit_saw(dataset
     assert len(resumed[2]) == len(dataset[1])  # one pass over the 9 images per epoch
     np.testing.assert_array_equal(resumed[2], uninterrupted[2])
     assert not np.array_equal(uninterrupted[1], uninterrupted[2])
+
+
+@pytest.mark.parametrize("pipeline", ["tf_data", "image_data_augmentor"])
+def test_cached_epochs_have_the_pixels_of_uncached_ones_without_reading_files(tmp_path, pipeline):
+    from conftest import write_image
+
+    for c, cls in enumerate(("audi", "bmw")):
+        for i in range(3):
+            write_image(tmp_path / cls / f"img_{i}.jpg", size=(70, 50), seed=c * 10 + i)
+    ds = load_dataset(tmp_path)
+    steps = batches_per_epoch(len(ds.records), BATCH)
+
+    def inputs(cache: str):
+        cfg = config(pipeline, workers=2)
+        cfg.input.cache = cache
+        return make_inputs(cfg, ds.root, ds.records, ds.class_names, training=True)
+
+    uncached = epochs(inputs("off"), 2, steps)
+    cached = inputs("memory")
+    iterator = cached.as_numpy_iterator() if pipeline == "tf_data" else None
+    if iterator is not None:
+        first = [next(iterator) for _ in range(steps)]
+    else:
+        first = epochs(cached, 1, steps)[0]
+    assert_same(first, uncached[0])
+    for path in tmp_path.rglob("*.jpg"):  # epoch 2 must come from memory alone
+        path.unlink()
+    if iterator is not None:
+        second = [next(iterator) for _ in range(steps)]
+    else:  # the adapter called on_epoch_end: the generator is at epoch 1
+        second = [cached[b] for b in range(steps)]
+    assert_same(second, uncached[1])
+    import tensorflow as tf
+
+    with pytest.raises((FileNotFoundError, tf.errors.UnknownError), match="No such file"):
+        epochs(inputs("off"), 1, steps)
+
+
+def test_auto_cache_follows_the_memory_budget():
+    from carclassifier.inputs import cache_megabytes, use_cache
+
+    cfg = load_config(None, ["input.image_size=224", "input.cache=auto"])
+    assert cache_megabytes(1000, 224) == pytest.approx(1000 * 224 * 224 * 3 / 2**20)
+    cfg.input.cache_budget_mb = 144  # 1000 images at 224 px are 143.6 MB
+    assert use_cache(cfg, 1000) and not use_cache(cfg, 1100)
+    cfg.input.cache = "off"
+    assert not use_cache(cfg, 1)
+    cfg.input.cache = "memory"
+    assert use_cache(cfg, 10**9)

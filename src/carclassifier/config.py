@@ -187,6 +187,14 @@ class InputConfig(_Section):
     )
     batch_size: int = Field(16, ge=1, le=4096)
     workers: int = Field(2, ge=1, le=256, description="Parallel decode/augment workers.")
+    cache: Literal["auto", "memory", "off"] = Field(
+        "auto",
+        description="Keep decoded images in memory between epochs (exact: same pixels). "
+        "auto: when a pipeline's images fit in cache_budget_mb.",
+    )
+    cache_budget_mb: int = Field(
+        4096, ge=0, description="auto cache: most MB of decoded images each pipeline may keep."
+    )
 
     _size = field_validator("image_size")(_check_size)
 

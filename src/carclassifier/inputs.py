@@ -17,6 +17,7 @@ on top of `keras.utils.PyDataset`::
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import random
 import threading
@@ -31,6 +32,8 @@ import pandas as pd
 from carclassifier.augment import train_transform, val_transform
 from carclassifier.config import RunConfig
 from carclassifier.data import is_image_name, load_image
+
+log = logging.getLogger(__name__)
 
 ClassMode = Literal["categorical", "sparse", "raw"]
 Transform = Callable[..., dict[str, Any]]
@@ -80,16 +83,24 @@ class ExampleMaker:
             augment = self._local.augment = copy.deepcopy(self.augment)
         return augment
 
+    @property
+    def casts_only(self) -> bool:
+        """True when the model-ready image is the augmented uint8 image as float32, unchanged."""
+        return self.preprocess_input is None and not self.rescale
+
+    def augmented(self, image: np.ndarray, seed: int | None = None) -> np.ndarray:
+        """The augmented image (uint8), seeded when ``seed`` is given."""
+        if self.augment is None:
+            return image
+        if seed is None:
+            return self.augment(image=image)["image"]
+        augment = self._thread_augment()
+        augment.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        return augment(image=image)["image"]
+
     def finish(self, image: np.ndarray, seed: int | None = None) -> np.ndarray:
         """Augment (seeded when ``seed`` is given), preprocess and rescale a decoded image."""
-        if self.augment is not None:
-            if seed is None:
-                image = self.augment(image=image)["image"]
-            else:
-                augment = self._thread_augment()
-                augment.set_random_state(np.random.default_rng(seed), random.Random(seed))
-                image = augment(image=image)["image"]
-        x = image.astype(np.float32)
+        x = self.augmented(image, seed).astype(np.float32)
         if self.preprocess_input is not None:
             x = np.asarray(self.preprocess_input(x), dtype=np.float32)
         if self.rescale:
@@ -130,14 +141,16 @@ class Examples:
             image = self.cache[index] = load_image(self.filepaths[index], self.maker.target_size)
         return image
 
-    def batch(self, indices: Sequence[int], epoch: int, seed: int | None) -> np.ndarray:
-        """Model-ready images of ``indices`` in ``epoch``; augmentation seeded per example when
-        ``seed`` is given."""
+    def batch(
+        self, indices: Sequence[int], epoch: int, seed: int | None, raw: bool = False
+    ) -> np.ndarray:
+        """Model-ready images of ``indices`` in ``epoch``, augmentation seeded per example when
+        ``seed`` is given; ``raw``: the augmented uint8 images (when `ExampleMaker.casts_only`,
+        the caller casts them, e.g. inside the tf.data graph)."""
+        make = self.maker.augmented if raw else self.maker.finish
         return np.stack(
             [
-                self.maker.finish(
-                    self.decoded(int(i)), None if seed is None else example_seed(seed, epoch, i)
-                )
+                make(self.decoded(int(i)), None if seed is None else example_seed(seed, epoch, i))
                 for i in indices
             ]
         )
@@ -150,6 +163,20 @@ def encode_labels(labels: np.ndarray, num_classes: int, class_mode: ClassMode) -
     if class_mode == "sparse":
         return labels.astype(np.int32)
     return labels
+
+
+def use_cache(config: RunConfig, n_images: int) -> bool:
+    """Whether a pipeline over ``n_images`` keeps decoded images in memory (``input.cache``:
+    memory, off, or auto = when ``n_images`` at the input size fit in ``cache_budget_mb``)."""
+    mode = config.input.cache
+    if mode != "auto":
+        return mode == "memory"
+    return cache_megabytes(n_images, config.input.image_size) <= config.input.cache_budget_mb
+
+
+def cache_megabytes(n_images: int, image_size: int) -> float:
+    """Memory the decoded-image cache needs: uint8 RGB at the input size."""
+    return n_images * image_size * image_size * 3 / 2**20
 
 
 class DataFrameIterator(keras.utils.PyDataset):
@@ -374,13 +401,15 @@ def make_tf_dataset(
         batches = tf.data.Dataset.from_tensor_slices(indices).batch(batch_size)
         return batches.map(lambda chosen: (epoch, chosen))
 
+    raw = maker.casts_only  # uint8 out of Python, cast by TF: 4x less memory traffic, no GIL
+
     def load(epoch: tf.Tensor, chosen: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         images = tf.numpy_function(
-            lambda e, i: examples.batch(i, int(e), seed), [epoch, chosen], tf.float32,
-            stateful=False,
+            lambda e, i: examples.batch(i, int(e), seed, raw), [epoch, chosen],
+            tf.uint8 if raw else tf.float32, stateful=False,
         )  # fmt: skip
         images.set_shape((None, height, width, 3))
-        return images, tf.gather(encoded, chosen)
+        return tf.cast(images, tf.float32), tf.gather(encoded, chosen)
 
     if repeat:
         epochs = tf.data.Dataset.counter(initial_epoch)
@@ -414,6 +443,10 @@ def make_inputs(
     size = config.input.image_size
     seed = config.data.seed
     transform = train_transform(config.augment, size, seed) if training else val_transform(size)
+    cache = use_cache(config, len(frame))
+    log.info("%s inputs: %d images at %d px, %s, decoded-image cache %s (%.0f MB)",
+             "training" if training else "validation", len(frame), size, config.input.pipeline,
+             "in memory" if cache else "off", cache_megabytes(len(frame), size))  # fmt: skip
     if config.input.pipeline == "image_data_augmentor":
         generator = ImageDataAugmentor(augment=transform, seed=seed)
         frame = frame.assign(class_name=[class_names[i] for i in frame["label"]])
@@ -429,6 +462,7 @@ def make_inputs(
             shuffle=training,
             workers=config.input.workers,
             initial_epoch=initial_epoch,
+            cache=cache,
         )
     maker = ExampleMaker((size, size), transform)
     paths = [str(Path(root) / p) for p in frame["path"]]
@@ -444,4 +478,5 @@ def make_inputs(
         initial_epoch=initial_epoch,
         repeat=training,
         num_parallel_calls=config.input.workers,
+        cache=cache,
     )
