@@ -196,6 +196,11 @@ class InputConfig(_Section):
         4096, ge=0, description="auto cache: most MB of decoded images each pipeline may keep."
     )
 
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML reads a bare `off` as false
+
     _size = field_validator("image_size")(_check_size)
 
 
