@@ -110,19 +110,55 @@ def _find_test_dir(root: Path) -> Path | None:
 
 
 def _check_duplicates(
-    frame: pd.DataFrame, column: str, csv: Path, findings: list[Finding]
-) -> pd.DataFrame:
-    duplicated = frame[column].duplicated(keep="first")
-    for value in frame.loc[duplicated, column]:
-        findings.append(
-            Finding(
-                "duplicate_id",
-                "error",
-                str(value),
-                f"{csv.name} lists {value!r} more than once; only the first row is used",
+    frame: pd.DataFrame, column: str, label: str, csv: Path, findings: list[Finding]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Rows listed more than once: with one label they are kept once (a warning); with
+    different labels nobody knows the truth, so every row of that id is dropped (an error).
+    Returns (rows kept, rows dropped for conflicting labels)."""
+    repeated = frame[frame[column].duplicated(keep=False)]
+    conflicting: set[str] = set()
+    for value, group in repeated.groupby(column, sort=True):
+        labels = sorted(set(group[label]))
+        if len(labels) > 1:
+            conflicting.add(value)
+            findings.append(
+                Finding(
+                    "conflicting_labels",
+                    "error",
+                    str(value),
+                    f"{csv.name} lists {value!r} {len(group)} times with different labels "
+                    f"{labels}: excluded",
+                )
             )
-        )
-    return frame.loc[~duplicated]
+        else:
+            findings.append(
+                Finding(
+                    "duplicate_id",
+                    "warning",
+                    str(value),
+                    f"{csv.name} lists {value!r} {len(group)} times; used once",
+                )
+            )
+    dropped = frame[column].isin(conflicting)
+    kept = frame.loc[~dropped]
+    return kept.loc[~kept[column].duplicated(keep="first")], frame.loc[dropped]
+
+
+def _unsafe_name(value: str) -> str | None:
+    """Why an id from a CSV cannot name a file inside the dataset, or None."""
+    if not value.strip():
+        return "empty"
+    if "/" in value or "\\" in value or value in (".", "..") or "\x00" in value:
+        return "not a plain file name"
+    return None
+
+
+def _inside(root: Path, rel: str) -> Path | None:
+    """``root / rel`` when it stays inside ``root`` (no absolute path, no ``..`` escape)."""
+    if not rel.strip() or "\x00" in rel or Path(rel).is_absolute():
+        return None
+    path = root / rel
+    return path if path.resolve().is_relative_to(root.resolve()) else None
 
 
 def _orphans(
@@ -158,10 +194,35 @@ def _load_kaggle(root: Path) -> Dataset:
     )
     class_names = [c for c in labels if c.isdigit() and c in folders] or folders
     findings: list[Finding] = []
-    frame = _check_duplicates(frame, "Id", csv, findings)
+    frame, conflicting = _check_duplicates(frame, "Id", "Category", csv, findings)
     files = _files_in_class_folders(train_dir, class_names)
     rows, listed = [], set()
+    for image_id, category in zip(conflicting["Id"], conflicting["Category"], strict=True):
+        if not _unsafe_name(image_id) and category in class_names:
+            listed.add(train_dir / category / image_id)  # reported as conflicting, not orphan
     for image_id, category in zip(frame["Id"], frame["Category"], strict=True):
+        problem = _unsafe_name(image_id)
+        if problem:
+            findings.append(
+                Finding(
+                    "bad_id",
+                    "error",
+                    repr(image_id),
+                    f"Id {image_id!r} in {csv.name} is {problem}; the row is skipped",
+                )
+            )
+            continue
+        if not category.strip():
+            listed.update(train_dir / c / image_id for c in class_names)  # no orphan report
+            findings.append(
+                Finding(
+                    "missing_label",
+                    "error",
+                    image_id,
+                    f"no Category given in {csv.name}: excluded",
+                )
+            )
+            continue
         if category not in class_names:
             findings.append(
                 Finding(
@@ -202,14 +263,29 @@ def _load_labels_csv(root: Path) -> Dataset:
     csv = root / "labels.csv"
     frame = _read_csv(csv, ["path", "class_name", "class_id"])
     findings: list[Finding] = []
-    frame = _check_duplicates(frame, "path", csv, findings)
+    frame, conflicting = _check_duplicates(frame, "path", "class_name", csv, findings)
     ids = pd.to_numeric(frame["class_id"], errors="coerce")
     pairs = frame.assign(class_id=ids).dropna(subset=["class_id"])
     mapping = pairs.groupby("class_id")["class_name"].agg(lambda s: s.mode().iloc[0])
     class_names = [mapping[i] for i in sorted(mapping.index)]
     folders = sorted(p.name for p in root.iterdir() if p.is_dir())
-    rows, listed = [], set()
+    rows, listed = [], {root / rel for rel in conflicting["path"] if _inside(root, rel)}
     for rel, name, class_id in zip(frame["path"], frame["class_name"], ids, strict=True):
+        if _inside(root, rel) is None:
+            findings.append(
+                Finding(
+                    "bad_path",
+                    "error",
+                    repr(rel),
+                    f"path {rel!r} in {csv.name} is empty or points outside {root}; skipped",
+                )
+            )
+            continue
+        if not name.strip() and pd.isna(class_id):
+            findings.append(
+                Finding("missing_label", "error", rel, f"no class given in {csv.name}: excluded")
+            )
+            continue
         if pd.isna(class_id) or name not in class_names or class_names.index(name) != int(class_id):
             findings.append(
                 Finding(
@@ -299,40 +375,57 @@ def load_dataset(root: str | Path) -> Dataset:
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """What validation learned about one file."""
+    """What validation learned about one file; ``kind`` names the problem when ``error`` is set
+    (``empty_file``, ``not_an_image``, ``too_large``, ``corrupt_image``, ``unreadable``)."""
 
     width: int = 0
     height: int = 0
     mode: str = ""
     bytes: int = 0
     error: str | None = None
+    kind: str = ""
+
+
+def _too_large(width: int, height: int) -> str:
+    return (
+        f"{width}x{height} px is over the {MAX_IMAGE_PIXELS:,} pixel limit "
+        "(decompression-bomb guard)"
+    )
 
 
 def inspect_image(path: str | Path) -> ImageInfo:
-    """Fully decode one image and describe it; ``error`` says why it cannot be used."""
+    """Fully decode one image and describe it; ``error`` says why it cannot be used.
+
+    The pixel count is checked from the header before anything is decoded, so an image that
+    declares huge dimensions (a decompression bomb) costs nothing.
+    """
     path = Path(path)
     try:
         size = path.stat().st_size
     except OSError as exc:
-        return ImageInfo(error=f"unreadable: {exc.strerror}")
+        return ImageInfo(error=f"unreadable: {exc.strerror}", kind="unreadable")
     if size == 0:
-        return ImageInfo(error="empty file (0 bytes)")
+        return ImageInfo(error="empty file (0 bytes)", kind="empty_file")
     try:
         with Image.open(path) as image:
             width, height, mode = image.width, image.height, image.mode
             if width * height > MAX_IMAGE_PIXELS:
-                return ImageInfo(
-                    width,
-                    height,
-                    mode,
-                    size,
-                    f"{width}x{height} px is over the {MAX_IMAGE_PIXELS:,} pixel limit",
-                )
+                return ImageInfo(width, height, mode, size, _too_large(width, height), "too_large")
             image.load()  # a truncated or corrupt file fails here
+    except Image.DecompressionBombError as exc:  # PIL's own guard, past twice its limit
+        return ImageInfo(
+            bytes=size,
+            error=f"over the pixel limit (decompression-bomb guard): {exc}",
+            kind="too_large",
+        )
     except UnidentifiedImageError:
-        return ImageInfo(bytes=size, error="not an image (unknown format)")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        return ImageInfo(bytes=size, error=f"corrupt or truncated image: {exc}")
+        return ImageInfo(bytes=size, error="not an image (unknown format)", kind="not_an_image")
+    except PermissionError as exc:
+        return ImageInfo(bytes=size, error=f"unreadable: {exc.strerror}", kind="unreadable")
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        return ImageInfo(
+            bytes=size, error=f"corrupt or truncated image: {exc}", kind="corrupt_image"
+        )
     return ImageInfo(width, height, mode, size)
 
 
@@ -390,19 +483,23 @@ class ValidationReport:
         return path
 
     def ensure_trainable(self, min_images_per_class: int = 2) -> None:
-        """Raise `DatasetError` when too little is left to train on."""
+        """Raise `DatasetError` when too little is left to train on: the message says how many
+        usable images are left, how many were excluded, and the minimum."""
         counts = self.class_counts
+        left = f"{len(self.usable)} usable image(s) left, {len(self.excluded)} excluded"
         nonempty = [name for name, n in counts.items() if n > 0]
         if len(nonempty) < 2:
             raise DatasetError(
                 f"only {len(nonempty)} class(es) with usable images in {self.dataset.root} "
-                f"({len(self.excluded)} excluded); a classifier needs at least 2 — see validation.json"
+                f"({left}); a classifier needs at least 2 classes — see validation.json"
             )
         short = {name: n for name, n in counts.items() if n < min_images_per_class}
         if short:
             raise DatasetError(
-                f"too few usable images in class(es) {short} (need {min_images_per_class} each for a "
-                "train/validation split); add images, fix the excluded files, or lower data.min_images_per_class"
+                f"too few usable images in class(es) {short} ({left}); the minimum is "
+                f"{min_images_per_class} per class (data.min_images_per_class) for a "
+                "train/validation split: add images, fix the excluded files listed in "
+                "validation.json, or lower data.min_images_per_class"
             )
 
 
@@ -428,16 +525,7 @@ def validate_dataset(dataset: Dataset, workers: int = 4, progress: bool = True) 
     bad = [i.error is not None for i in infos]
     for rel, info in zip(records["path"], infos, strict=True):
         if info.error is not None:
-            kind = (
-                "not_an_image"
-                if info.error.startswith("not an image")
-                else (
-                    "empty_file"
-                    if info.error.startswith("empty")
-                    else ("too_large" if "pixel limit" in info.error else "corrupt_image")
-                )
-            )
-            findings.append(Finding(kind, "error", rel, f"{info.error}: excluded"))
+            findings.append(Finding(info.kind, "error", rel, f"{info.error}: excluded"))
         elif info.mode != "RGB":
             findings.append(
                 Finding(
@@ -480,6 +568,21 @@ def validate_dataset(dataset: Dataset, workers: int = 4, progress: bool = True) 
     return report
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: grayscale, palette, CMYK and alpha modes through PIL's own
+    conversion (alpha dropped); 16-bit and 32-bit integer and float grayscale scaled into
+    0..255 first (PIL would clip them to white or black)."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or (image.mode == "I" and values.max(initial=0) > 255):
+            top = 65535.0 if values.max(initial=0) <= 65535 else float(values.max())
+        else:
+            top = 1.0 if image.mode == "F" and values.max(initial=0) <= 1.0 else 255.0
+        scaled = np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(scaled, "L").convert("RGB")
+    return image.convert("RGB")
+
+
 def load_image(path: str | Path, target_size: tuple[int, int]) -> np.ndarray:
     """Decode an image as RGB uint8 resized to ``target_size`` (height, width).
 
@@ -489,7 +592,7 @@ def load_image(path: str | Path, target_size: tuple[int, int]) -> np.ndarray:
     height, width = target_size
     with Image.open(path) as image:
         image.draft("RGB", (width, height))
-        rgb = image.convert("RGB")
+        rgb = to_rgb(image)
     if rgb.size != (width, height):
         rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)

@@ -52,10 +52,16 @@ def resolve_data_root(config: RunConfig) -> Path:
 def prepare_data(config: RunConfig, out_dir: str | Path, progress: bool = True) -> PreparedData:
     """Load, validate (bad files excluded and listed), check trainability and write
     ``config.yaml``, ``validation.json`` and ``split.csv`` into ``out_dir``."""
+    root = resolve_data_root(config)
+    if "://" in str(config.data.root or ""):
+        raise DatasetError(
+            f"data.root {config.data.root} is a URI: prepare reads a local folder (the pipeline's "
+            "prepare step downloads gs:// data first); copy the data here or pass --data DIR"
+        )
+    dataset = load_dataset(root)  # a missing folder fails before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_config(config), encoding="utf-8")
-    dataset = load_dataset(resolve_data_root(config))
     report = validate_dataset(dataset, workers=max(2, config.input.workers), progress=progress)
     log.info("validation report: %s", report.write(out))
     for line in report.summary().splitlines():
