@@ -1,7 +1,9 @@
 """``carclassifier <command>``: each command is a thin call into the library.
 
-A `CarClassifierError` is printed as one line (``error: ...``) with exit status 2; anything
-else is a bug and keeps its traceback.
+Arguments are checked before anything runs (paths that must exist, gs:// URI shapes, names). A
+bad argument, a `CarClassifierError`, an invalid config (pydantic, YAML) or an unreadable /
+unwritable path the user named is printed as one line (``error: ...``) with exit status 2;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from carclassifier.errors import CarClassifierError
+from carclassifier.errors import CarClassifierError, ConfigError
 
 log = logging.getLogger("carclassifier")
 
@@ -26,7 +30,13 @@ def _config(args: argparse.Namespace):  # noqa: ANN202 - RunConfig
         overrides.append(f"data.root={args.data}")
     if getattr(args, "out", None):
         overrides.append(f"output_dir={args.out}")
-    return load_config(args.config, overrides)
+    config = load_config(args.config, overrides)
+    if "://" in config.output_dir:
+        raise ConfigError(
+            f"output_dir {config.output_dir} is a URI, but this command writes local files: pass "
+            "--out DIR (a stage's outputs go to gs:// with train-stage --stage-out)"
+        )
+    return config
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -81,18 +91,19 @@ def _prepared(args: argparse.Namespace, config):  # noqa: ANN001, ANN202 - RunCo
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    config = _config(args)  # before the TensorFlow imports: a bad config fails at once
     from carclassifier.local_run import summary_table
     from carclassifier.stages import train_recipe
 
-    config = _config(args)
     results = train_recipe(config, _prepared(args, config), config.output_dir)
     print(summary_table([r.metrics for r in results]))
 
 
 def cmd_train_stage(args: argparse.Namespace) -> None:
+    config = _config(args)
+    config.stage(args.stage)  # an unknown stage fails before the data is prepared
     from carclassifier.stages import run_stage
 
-    config = _config(args)
     result = run_stage(config, args.stage, _prepared(args, config), args.stage_out, args.init)
     print(json.dumps(result.metrics, indent=2))
 
@@ -115,7 +126,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     from carclassifier.export import export_model
     from carclassifier.stages import load_model
 
-    labels = json.loads(Path(args.labels).read_text()) if args.labels else None
+    labels = _read_labels(Path(args.labels)) if args.labels else None
     if labels is None:
         config = _config(args)
         labels = _prepared(args, config).dataset.class_names
@@ -156,6 +167,103 @@ def cmd_run_local(args: argparse.Namespace) -> None:
     )
 
 
+def _read_labels(path: Path) -> list[str]:
+    """A JSON list of class names (export --labels)."""
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--labels {path}: not a readable JSON file ({exc})") from None
+    if not (
+        isinstance(labels, list)
+        and len(labels) >= 2
+        and all(isinstance(x, str) and x for x in labels)
+        and len(set(labels)) == len(labels)
+    ):
+        raise ConfigError(
+            f'--labels {path}: expected a JSON list of 2 or more distinct class names, e.g. ["audi", "bmw"]'
+        )
+    return labels
+
+
+# --------------------------------------------------------------------------- argument checks
+
+_COMPETITION = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}$")
+_EXISTING_DIRS = ("data", "images")
+_EXISTING_FILES = ("config", "split", "sample_submission", "labels")
+_LOCAL_OUTPUTS = ("out", "export_dir", "dest", "output")
+_MODEL_INPUTS = ("init", "model")
+_UNCHECKED_COMMANDS = ("serve",)  # checks its own arguments (carclassifier.serving.config)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Check the arguments of a command before it runs; raise `ConfigError` naming the flag."""
+    from carclassifier.config import check_location
+
+    if args.command in _UNCHECKED_COMMANDS:
+        return
+    values = vars(args)
+    for name in _EXISTING_DIRS:
+        if values.get(name) is not None and not Path(values[name]).expanduser().is_dir():
+            raise ConfigError(f"{_flag(name)} {values[name]}: no such folder")
+    for name in _EXISTING_FILES:
+        if values.get(name) is not None and not Path(values[name]).expanduser().is_file():
+            raise ConfigError(f"{_flag(name)} {values[name]}: no such file")
+    for name in _LOCAL_OUTPUTS:
+        value = values.get(name)
+        if value is None:
+            continue
+        if "://" in str(value) or str(value).startswith("gs:"):
+            raise ConfigError(f"{_flag(name)} {value}: must be a local path, not a URI")
+        try:
+            check_location(str(value), _flag(name))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        target = Path(value).expanduser()
+        if name == "output" and target.is_dir():
+            raise ConfigError(f"--output {value}: is a folder; name the CSV file to write")
+        if name != "output" and target.exists() and not target.is_dir():
+            raise ConfigError(f"{_flag(name)} {value}: exists and is not a folder")
+    for name in _MODEL_INPUTS:
+        value = values.get(name)
+        if value is None:
+            continue
+        try:
+            check_location(str(value), _flag(name), object_required=True)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if "://" not in str(value) and not Path(value).expanduser().exists():
+            raise ConfigError(f"{_flag(name)} {value}: no such file or folder")
+    if values.get("stage_out") is not None:
+        try:
+            check_location(str(args.stage_out), "--stage-out", object_required=True)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if values.get("labels") is not None:
+        _read_labels(Path(values["labels"]))
+    competition = values.get("competition")
+    if competition is not None and not _COMPETITION.match(competition):
+        raise ConfigError(
+            f"--competition {competition!r}: not a Kaggle competition name (lower-case letters, "
+            "digits and '-', as in the competition's URL)"
+        )
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one ``error:`` line and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {_one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="run config YAML (default: built-in defaults)")
     parser.add_argument(
@@ -171,7 +279,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(prog="carclassifier", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="carclassifier", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -249,10 +357,22 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from pydantic import ValidationError
+    from yaml import YAMLError
+
     try:
+        check_args(args)
         args.func(args)
     except CarClassifierError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except (ValidationError, YAMLError) as exc:
+        print(f"error: invalid configuration: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.filename is None:
+            raise  # not about a path the user named: a bug, keep the traceback
+        print(f"error: {exc.filename}: {exc.strerror or _one_line(exc)}", file=sys.stderr)
         return 2
     return 0
 
