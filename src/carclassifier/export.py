@@ -10,7 +10,10 @@ An export folder holds
   KServe's ``storageUri: …/export/saved_model`` expect) whose ``serving_default`` signature takes
   ``image``: float32 ``[N, H, W, 3]`` raw RGB pixels 0..255 and returns ``output_0``: the class
   probabilities ``[N, C]`` (TF Serving, ``tf.saved_model.load``);
-- ``labels.json``: class names (index = class id), image size, input description, metadata.
+- ``labels.json``: class names (index = class id), image size, input description, metadata;
+- ``model.onnx`` (optional, `export_onnx`): the same function for ONNX Runtime, input ``image``
+  float32 ``[N, H, W, 3]`` 0..255, output ``output_0`` probabilities ``[N, C]``, checked against
+  Keras within `ONNX_TOLERANCE` when written.
 
 The folder is written under a temporary sibling name and renamed into place at the end, so a
 folder with the final name is always a complete export.
@@ -31,7 +34,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from carclassifier.errors import StorageError
+from carclassifier.errors import CarClassifierError, StorageError
 from carclassifier.storage import get_file, is_gcs_uri, join
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,9 @@ SERVING_SIGNATURE = "serving_default"
 SERVING_INPUT = "image"
 SERVING_OUTPUT = "output_0"
 INPUT_DESCRIPTION = "RGB float32 0-255, shape [N,H,W,3]"
+ONNX_FILE = "model.onnx"
+ONNX_TOLERANCE = 1e-4
+"""Largest absolute difference allowed between ONNX Runtime's and Keras' probabilities."""
 
 
 def _jsonable(value: Any) -> Any:
@@ -134,6 +140,59 @@ def export_model(
         raise
     log.info("exported %d-class model (%dx%d input) to %s", len(class_names), height, width, out)
     return out
+
+
+def export_onnx(model: keras.Model, out_dir: str | Path, seed: int = 0) -> Path:
+    """Write ``out_dir/model.onnx`` (Keras' ONNX export, tf2onnx underneath) and check it.
+
+    The ONNX model must give Keras' probabilities within `ONNX_TOLERANCE` on a random batch of
+    two images, else nothing is written and `CarClassifierError` says by how much they differ.
+    """
+    import onnx
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    height, width = _input_hw(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{ONNX_FILE}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        model.export(
+            str(tmp),
+            format="onnx",
+            verbose=False,
+            input_signature=[
+                tf.TensorSpec((None, height, width, 3), tf.float32, name=SERVING_INPUT)
+            ],
+        )
+        graph = onnx.load(str(tmp))
+        _rename_output(graph, SERVING_OUTPUT)
+        onnx.save(graph, str(tmp))
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        images = np.random.default_rng(seed).uniform(0, 255, (2, height, width, 3))
+        images = images.astype(np.float32)
+        expected = keras.ops.convert_to_numpy(model(images, training=False))
+        (got,) = session.run([SERVING_OUTPUT], {SERVING_INPUT: images})
+        error = float(np.abs(got - expected).max())
+        if not error <= ONNX_TOLERANCE:
+            raise CarClassifierError(
+                f"the ONNX model differs from Keras by {error:.2e} (allowed {ONNX_TOLERANCE:.0e}); "
+                "not written"
+            )
+        tmp.rename(out / ONNX_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("exported ONNX model to %s (max difference to Keras %.1e)", out / ONNX_FILE, error)
+    return out / ONNX_FILE
+
+
+def _rename_output(graph: Any, name: str) -> None:
+    """Name the single graph output ``name`` (tf2onnx calls it after the TF tensor)."""
+    (output,) = graph.graph.output
+    old = output.name
+    for node in graph.graph.node:
+        node.output[:] = [name if o == old else o for o in node.output]
+    output.name = name
 
 
 def _local_file(folder: str | Path, name: str, scratch: Path) -> Path:
