@@ -167,6 +167,26 @@ def cmd_run_local(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from pydantic import ValidationError
+
+    from carclassifier.errors import ConfigError
+    from carclassifier.serving.config import ServingConfig, check_model_location
+
+    fields = ServingConfig.model_fields
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    try:
+        config = ServingConfig(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        flag = str(first["loc"][0]).replace("_", "-")
+        raise ConfigError(f"serve: --{flag}: {first['msg']}") from None
+    check_model_location(config.model)
+    from carclassifier.serving.server import serve  # imports TensorFlow
+
+    serve(config)
+
+
 def _read_labels(path: Path) -> list[str]:
     """A JSON list of class names (export --labels)."""
     try:
@@ -345,6 +365,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_run_local)
+
+    p = sub.add_parser("serve", help="web page + JSON API for an exported model (waitress)")
+    p.add_argument("--model", help="export folder or gs:// prefix (default runs/local/export)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8080; 0 = any free port)")
+    p.add_argument("--backend", choices=["keras", "saved_model"], help="default saved_model")
+    p.add_argument("--threads", type=int, help="waitress worker threads (default 4)")
+    p.add_argument("--max-upload-mib", type=float, help="largest request body (default 20)")
+    p.add_argument("--max-files", type=int, help="most images per request (default 16)")
+    p.add_argument("--top-k", type=int, help="classes returned per image (default 3)")
+    p.add_argument("--max-image-pixels", type=int, help="largest image decoded (default 40e6)")
+    p.add_argument("--tta-views", type=int, help="views averaged with ?tta=1 (default 5)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,60 @@
+"""The serving settings: one validated object, defaults here, overridden by CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from carclassifier.errors import StorageError
+
+Backend = Literal["keras", "saved_model"]
+DEFAULT_BACKEND: Backend = "saved_model"
+"""Measured faster than ``keras`` on the Lite0 export at batch 1-16 (benchmarks/results/serving.md)
+with probabilities equal within 1e-4 (tests/test_serving_api.py)."""
+
+MIB = 1024 * 1024
+
+
+class ServingConfig(BaseModel):
+    """Limits and defaults of the model server."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(
+        "runs/local/export", description="Export folder or gs:// prefix (the only model loaded)."
+    )
+    backend: Backend = Field(DEFAULT_BACKEND, description="keras (model.keras) or saved_model.")
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in a container).")
+    port: int = Field(8080, ge=0, le=65535, description="Port (0: any free port).")
+    threads: int = Field(4, ge=1, le=64, description="waitress worker threads.")
+    max_upload_mib: float = Field(20.0, gt=0, description="Largest request body in MiB.")
+    max_files: int = Field(16, ge=1, description="Most images in one request.")
+    top_k: int = Field(3, ge=1, description="Classes returned per image (default of ?top_k).")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Largest width x height decoded (decompression-bomb guard)."
+    )
+    tta_views: int = Field(5, ge=2, le=32, description="Views averaged with ?tta=1.")
+    seed: int = Field(
+        0, description="Seed of the TTA draws (the same image gives the same result)."
+    )
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """``max_upload_mib`` in bytes."""
+        return int(self.max_upload_mib * MIB)
+
+
+def check_model_location(uri: str) -> None:
+    """Fail fast, before TensorFlow is imported, on a local export folder that is not there
+    (a gs:// prefix is checked when the model is loaded)."""
+    if uri.startswith("gs://"):
+        return
+    folder = Path(uri).expanduser()
+    if not folder.is_dir():
+        raise StorageError(f"export folder {uri} does not exist; run the export step first")
+    if not (folder / "labels.json").is_file():
+        raise StorageError(
+            f"{uri} is not an export folder (no labels.json); pass the folder export wrote"
+        )
