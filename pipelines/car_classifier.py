@@ -14,21 +14,36 @@ stage list.
 Every task that runs a model (the stages, evaluate, predict, gate) requests ``gpu_count`` GPUs
 of ``gpu_type`` and is scheduled on the GPU node pool (node selector + toleration); every task
 is retried with exponential backoff (a preempted stage resumes from its checkpoints) and gets
-the GCS key secret, the prepare task the Kaggle secret. `ClusterOptions` holds these settings.
+the GCS key secret, the prepare task the Kaggle secret; every container runs as the image's
+non-root user with ``runAsNonRoot`` (kfp-kubernetes ``set_security_context``; the KFP driver
+also drops all capabilities). `ClusterOptions` holds these settings and is checked when the
+pipeline is built; `check_arguments` checks a run's parameters before it is submitted.
 """
 
 # No `from __future__ import annotations`: kfp reads the pipeline function's annotations as types.
 import importlib.util
+import math
 import re
 import sys
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import PipelineTask
 
-from carclassifier.config import RunConfig, StageConfig, dump_config, load_config
+from carclassifier.config import (
+    MAX_IMAGE_SIZE,
+    SIZE_MULTIPLE,
+    RunConfig,
+    StageConfig,
+    check_location,
+    dump_config,
+    load_config,
+)
+from carclassifier.errors import ConfigError
 from carclassifier.steps import GCS_KEY_FILE_ENV
 from components import TRAINER_IMAGE, trainer_components
 
@@ -36,6 +51,75 @@ DEFAULT_GPU_TYPE = "nvidia.com/gpu"
 """The accelerator type kfp puts in the pod's resource limits. On Kubeflow Pipelines (Argo
 backend) it is the Kubernetes resource name: ``nvidia.com/gpu``; on Vertex AI Pipelines a
 machine accelerator such as ``NVIDIA_TESLA_T4`` or ``NVIDIA_L4``."""
+MAX_GPUS = 16
+"""Most GPUs one pod can get: the largest GPU machines (a2-megagpu-16g) have 16; a pod asking
+for more than any node has stays Pending forever."""
+RUN_AS_USER = 10001
+"""The trainer image's non-root uid/gid (docker/trainer.Dockerfile ``USER``)."""
+
+# Kubernetes name syntax (k8s.io/apimachinery validation): label keys and values, DNS-1123
+# names, quantities, and extended resource names (``domain/name``, e.g. ``nvidia.com/gpu``).
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS_SUBDOMAIN = re.compile(rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$")
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_QUANTITY = re.compile(r"^\d+(\.\d+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_DURATION = re.compile(r"^\d+(\.\d+)?(ms|s|m|h)$")
+_VERTEX_ACCELERATOR = re.compile(r"^[A-Z][A-Z0-9_]{1,63}$")
+_QUANTITY_SCALE = {"m": 1e-3, "": 1.0, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
+                   "E": 1e18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
+                   "Ei": 2**60}  # fmt: skip
+
+
+def _label_key_ok(key: str) -> bool:
+    prefix, slash, name = key.rpartition("/")
+    if slash and not (len(prefix) <= 253 and _DNS_SUBDOMAIN.match(prefix)):
+        return False
+    return len(name) <= 63 and bool(_LABEL_NAME.match(name))
+
+
+def _label_value_ok(value: str) -> bool:
+    return value == "" or (len(value) <= 63 and bool(_LABEL_NAME.match(value)))
+
+
+def _quantity(text: str, what: str) -> float:
+    match = _QUANTITY.match(text)
+    if not match:
+        raise ConfigError(f"{what} {text!r} is not a Kubernetes quantity (e.g. 2, 500m, 8Gi)")
+    return (
+        float(text[: len(text) - len(match.group(2) or "")]) * _QUANTITY_SCALE[match.group(2) or ""]
+    )
+
+
+def check_gpu_type(value: object) -> str:
+    """An accelerator type: a Kubernetes extended resource name (``nvidia.com/gpu``,
+    ``amd.com/gpu``, ``nvidia.com/mig-1g.5gb``) or a Vertex AI accelerator (``NVIDIA_L4``)."""
+    text = str(value) if isinstance(value, str) else ""
+    prefix, slash, name = text.partition("/")
+    extended = (
+        slash
+        and "." in prefix
+        and not prefix.endswith("kubernetes.io")
+        and len(prefix) <= 253
+        and _DNS_SUBDOMAIN.match(prefix)
+        and len(name) <= 63
+        and _LABEL_NAME.match(name)
+    )
+    if not (extended or _VERTEX_ACCELERATOR.match(text)):
+        raise ConfigError(
+            f"gpu_type {value!r} is not an accelerator type: use a Kubernetes extended resource "
+            "name such as nvidia.com/gpu (Kubeflow) or a Vertex AI accelerator such as NVIDIA_L4"
+        )
+    return text
+
+
+def check_gpu_count(value: object) -> int:
+    """A GPU count Kubernetes accepts: a whole number, 0 (no GPU) up to `MAX_GPUS`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_GPUS:
+        raise ConfigError(
+            f"gpu_count {value!r} must be a whole number from 0 to {MAX_GPUS} (Kubernetes "
+            "requests GPUs in whole units; no node has more than 16)"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -76,6 +160,46 @@ class ClusterOptions:
     backoff_duration: str = "60s"
     backoff_factor: float = 2.0
     backoff_max_duration: str = "3600s"
+    run_as_user: int | None = RUN_AS_USER
+    """uid of every container (with ``runAsNonRoot``); None leaves the security context unset,
+    for KFP backends older than kfp-kubernetes' ``set_security_context`` (kubeflow/pipelines
+    #12832), whose driver rejects the field."""
+    run_as_group: int | None = RUN_AS_USER
+
+    def check(self) -> None:
+        """Raise `ConfigError` for a setting Kubernetes or Argo would reject at run time."""
+        for key, value in self.gpu_node_selector.items():
+            if not _label_key_ok(key) or not _label_value_ok(value):
+                raise ConfigError(f"GPU node label {key}={value} is not a valid Kubernetes label")
+        if not _label_key_ok(self.gpu_toleration_key):
+            raise ConfigError(
+                f"toleration key {self.gpu_toleration_key!r} is not a valid taint key"
+            )
+        for resources in (self.gpu_resources, self.cpu_resources):
+            for kind in ("cpu", "memory"):
+                request = _quantity(getattr(resources, f"{kind}_request"), f"{kind} request")
+                limit = _quantity(getattr(resources, f"{kind}_limit"), f"{kind} limit")
+                if not 0 < request <= limit:
+                    raise ConfigError(
+                        f"{kind} request {getattr(resources, f'{kind}_request')} must be positive "
+                        f"and at most the limit {getattr(resources, f'{kind}_limit')}"
+                    )
+        for secret in (self.kaggle_secret, self.gcs_secret):
+            if not (len(secret) <= 253 and _DNS_SUBDOMAIN.match(secret)):
+                raise ConfigError(f"secret name {secret!r} is not a DNS-1123 name")
+        if not self.gcs_key_dir.startswith("/"):
+            raise ConfigError(f"gcs_key_dir {self.gcs_key_dir!r} must be an absolute path")
+        if not 0 <= self.retries <= 10:
+            raise ConfigError(f"retries {self.retries} must be between 0 and 10")
+        for name in ("backoff_duration", "backoff_max_duration"):
+            if not _DURATION.match(getattr(self, name)):
+                raise ConfigError(f"{name} {getattr(self, name)!r} is not a duration like 60s")
+        if not (math.isfinite(self.backoff_factor) and self.backoff_factor >= 1):
+            raise ConfigError(f"backoff_factor {self.backoff_factor} must be at least 1")
+        for name in ("run_as_user", "run_as_group"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not 0 < value < 2**31):
+                raise ConfigError(f"{name} {value!r} must be a non-root id (1 to 2147483647)")
 
 
 def pipeline_name(config: RunConfig) -> str:
@@ -105,6 +229,13 @@ def _common(task: PipelineTask, options: ClusterOptions, resources: Resources) -
     )
     task.set_env_variable(GCS_KEY_FILE_ENV, f"{options.gcs_key_dir}/key.json")
     task.set_env_variable("PYTHONUNBUFFERED", "1")
+    if options.run_as_user is not None:
+        kubernetes.set_security_context(
+            task,
+            run_as_user=options.run_as_user,
+            run_as_group=options.run_as_group,
+            run_as_non_root=True,
+        )
     return task
 
 
@@ -138,6 +269,7 @@ def build_pipeline(
     if not isinstance(config, RunConfig):
         config = load_config(config)
     options = options or ClusterOptions()
+    options.check()
     ops = trainer_components(image)
     recipe = dump_config(config)
     stages = list(config.stages)
@@ -257,6 +389,97 @@ def compile_pipeline(
     return out
 
 
+PARAMETERS = (
+    "data_source", "overrides", "backbone", "image_size", "gpu_type", "gpu_count",
+    "checkpoint_root", "champion_pointer", "min_improvement",
+)  # fmt: skip
+"""The pipeline's run-time parameters (the arguments of the ``car_classifier`` function)."""
+
+
+def _uri(value: object, name: str, object_required: bool, on_cluster: bool) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} {value!r} must be a string")
+    if value == "":
+        return value
+    try:
+        check_location(value, name, object_required=object_required)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if on_cluster and not value.startswith("gs://"):
+        raise ConfigError(
+            f"{name} {value!r}: on a cluster it must be a gs://BUCKET/PATH URI (a local path "
+            "would be inside one pod and lost with it)"
+        )
+    return value
+
+
+def check_arguments(
+    arguments: Mapping[str, Any],
+    recipe: str | None = None,
+    stage_names: Sequence[str] | None = None,
+    on_cluster: bool = True,
+) -> dict[str, Any]:
+    """Check a run's pipeline parameters before it starts; raise `ConfigError` naming the
+    parameter. Only names of `PARAMETERS` are checked; absent ones keep their defaults.
+
+    With the compiled ``recipe`` (YAML text) the overrides, ``backbone`` and ``image_size`` are
+    applied to it exactly as the prepare task will (so a typo fails here, not in a pod), and
+    with ``stage_names`` the overrides may not change the stage list. ``on_cluster``: storage
+    locations must be gs:// (a kfp.local run may use local folders).
+    """
+    args = dict(arguments)
+    if "data_source" in args:
+        source = args["data_source"]
+        if source not in ("", "kaggle"):
+            _uri(source, "data_source", True, False)  # a folder in the image is allowed
+    overrides = args.get("overrides", [])
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"overrides {overrides!r} must be a list of KEY=VALUE strings")
+    backbone = args.get("backbone", "")
+    if not isinstance(backbone, str):
+        raise ConfigError(f"backbone {backbone!r} must be a string ('' keeps the recipe's)")
+    image_size = args.get("image_size", 0)
+    if (
+        isinstance(image_size, bool)
+        or not isinstance(image_size, int)
+        or not (image_size == 0 or SIZE_MULTIPLE <= image_size <= MAX_IMAGE_SIZE)
+        or image_size % SIZE_MULTIPLE
+    ):
+        raise ConfigError(
+            f"image_size {image_size!r} must be 0 (the recipe's) or a multiple of {SIZE_MULTIPLE} "
+            f"from {SIZE_MULTIPLE} to {MAX_IMAGE_SIZE}"
+        )
+    if "gpu_type" in args:
+        check_gpu_type(args["gpu_type"])
+    if "gpu_count" in args:
+        check_gpu_count(args["gpu_count"])
+    if "checkpoint_root" in args:
+        _uri(args["checkpoint_root"], "checkpoint_root", False, on_cluster)
+    if "champion_pointer" in args:
+        _uri(args["champion_pointer"], "champion_pointer", True, on_cluster)
+    if "min_improvement" in args:
+        margin = args["min_improvement"]
+        if (
+            isinstance(margin, bool)
+            or not isinstance(margin, int | float)
+            or not (math.isfinite(margin) and 0 <= margin <= 1)
+        ):
+            raise ConfigError(f"min_improvement {margin!r} must be a number from 0 to 1")
+    if recipe is not None:
+        from carclassifier.backbones import get_backbone
+        from carclassifier.steps import resolve_config
+
+        config = resolve_config(recipe, overrides, backbone, image_size)
+        get_backbone(config.model.backbone)
+        names = [stage.name for stage in config.stages]
+        if stage_names is not None and names != list(stage_names):
+            raise ConfigError(
+                f"the overrides make the stages {names}, but this pipeline was compiled for "
+                f"{list(stage_names)}; compile it from the changed recipe"
+            )
+    return args
+
+
 def _unshadow_docker_sdk() -> None:
     """kfp.local imports the ``docker`` SDK when it can; run from the repository root, the
     ``docker/`` folder (Dockerfiles) is found instead, as a namespace package, and kfp.local
@@ -287,6 +510,9 @@ def run_pipeline_local(
 
     if not isinstance(config, RunConfig):
         config = load_config(config)
+    check_arguments(
+        arguments, dump_config(config), [s.name for s in config.stages], on_cluster=False
+    )
     _unshadow_docker_sdk()
     root = Path(pipeline_root)
     root.mkdir(parents=True, exist_ok=True)

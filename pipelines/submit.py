@@ -96,6 +96,11 @@ class PipelinePackage:
     sha256: str
     name: str  # pipelineInfo.name
     parameters: Mapping[str, ParameterSpec]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    """Default values of the root input parameters."""
+    recipe: str | None = None
+    """The carclassifier recipe compiled into the package (None: another pipeline)."""
+    stage_names: tuple[str, ...] | None = None
 
 
 def load_package(path: str | os.PathLike[str]) -> PipelinePackage:
@@ -133,12 +138,56 @@ def load_package(path: str | os.PathLike[str]) -> PipelinePackage:
         )
         for name, info in (definitions.get("parameters") or {}).items()
     }
+    recipe, stage_names = recipe_of(spec)
     return PipelinePackage(
         path=package,
         sha256=hashlib.sha256(data).hexdigest(),
         name=str((spec.get("pipelineInfo") or {}).get("name", "")),
         parameters=parameters,
+        defaults={
+            name: _typed_default(info)
+            for name, info in (definitions.get("parameters") or {}).items()
+            if isinstance(info, dict) and "defaultValue" in info
+        },
+        recipe=recipe,
+        stage_names=tuple(stage_names) if stage_names is not None else None,
     )
+
+
+def _typed_default(info: Mapping[str, Any]) -> Any:
+    """A parameter's default as its declared type (the IR writes integers as 1.0)."""
+    value = info["defaultValue"]
+    if info.get("parameterType") == "NUMBER_INTEGER" and isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    return value
+
+
+def check_run_parameters(package: PipelinePackage, params: Mapping[str, Any]) -> None:
+    """For a car-classifier package, check the run's parameters as its pods will use them
+    (`pipelines.car_classifier.check_arguments`: GPU count and type, gs:// URIs, image size,
+    overrides applied to the compiled recipe); raise :class:`SubmitError` naming the problem."""
+    if package.recipe is None:
+        return
+    from carclassifier.errors import CarClassifierError
+    from pipelines.car_classifier import check_arguments
+
+    try:
+        check_arguments({**package.defaults, **params}, package.recipe, package.stage_names)
+    except CarClassifierError as exc:
+        raise SubmitError(f"bad pipeline parameter: {exc}") from None
+
+
+def recipe_of(spec: Mapping[str, Any]) -> tuple[str | None, list[str] | None]:
+    """The recipe YAML and stage names compiled into a car-classifier pipeline's IR (the
+    prepare task's constant inputs, see `pipelines.car_classifier`), or (None, None)."""
+    tasks = ((spec.get("root") or {}).get("dag") or {}).get("tasks") or {}
+    for task in tasks.values():
+        inputs = ((task or {}).get("inputs") or {}).get("parameters") or {}
+        recipe = ((inputs.get("config_yaml") or {}).get("runtimeValue") or {}).get("constant")
+        if isinstance(recipe, str):
+            names = ((inputs.get("stage_names") or {}).get("runtimeValue") or {}).get("constant")
+            return recipe, list(names) if isinstance(names, list) else None
+    return None, None
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -752,6 +801,7 @@ def _prepare(pipeline: PipelineOptions) -> tuple[PipelinePackage, dict[str, Any]
     """Everything checkable offline, before any network call."""
     package = load_package(pipeline.package)
     params = resolve_params(parse_params(pipeline.params), package)
+    check_run_parameters(package, params)
     return package, params, check_pipeline_root(pipeline.pipeline_root)
 
 

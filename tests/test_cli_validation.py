@@ -208,3 +208,151 @@ def test_fuzzed_command_lines_end_in_one_error_line(paths, capsys, command, midd
     assert code == 2, (command, middle, code, err)
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("error: ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline parameters and cluster options
+
+
+RECIPE = Path(__file__).resolve().parents[1] / "configs" / "recipe_lite0_local.yaml"
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> Path:
+    from pipelines.car_classifier import compile_pipeline
+
+    return compile_pipeline(RECIPE, tmp_path_factory.mktemp("ir") / "p.yaml")
+
+
+GOOD_ARGUMENTS = [
+    {"gpu_type": "nvidia.com/gpu", "gpu_count": 1},
+    {"gpu_type": "NVIDIA_L4", "gpu_count": 0},
+    {"gpu_type": "nvidia.com/mig-1g.5gb", "gpu_count": 16},
+    {"checkpoint_root": "gs://my-bucket/carclassifier", "champion_pointer": ""},
+    {"champion_pointer": "gs://my-bucket/carclassifier/champion.json", "min_improvement": 0.01},
+    {"image_size": 0, "data_source": "kaggle"},
+    {"image_size": 256, "data_source": "gs://my-bucket/data/cars", "backbone": "efficientnet_b0"},
+    {"overrides": ["stages.stage_2.epochs=3", "input.batch_size=8"]},
+]
+BAD_ARGUMENTS = [
+    ({"gpu_count": -1}, "gpu_count -1 must be a whole number from 0 to 16"),
+    ({"gpu_count": 1.5}, "gpu_count 1.5"),
+    ({"gpu_count": True}, "gpu_count True"),
+    ({"gpu_count": 17}, "gpu_count 17"),
+    ({"gpu_type": "gpu"}, "not an accelerator type"),
+    ({"gpu_type": "kubernetes.io/gpu"}, "not an accelerator type"),
+    ({"gpu_type": "nvidia.com/"}, "not an accelerator type"),
+    ({"gpu_type": "nvidia tesla t4"}, "not an accelerator type"),
+    ({"checkpoint_root": "/mnt/checkpoints"}, "on a cluster it must be a gs://"),
+    ({"checkpoint_root": "gs://My_Bucket/x"}, "not a valid Cloud Storage bucket name"),
+    ({"checkpoint_root": "s3://bucket/x"}, "only local paths and gs://"),
+    ({"champion_pointer": "gs://my-bucket"}, "names a bucket but no object"),
+    ({"data_source": "http://example.com/cars.zip"}, "only local paths and gs://"),
+    ({"image_size": 300}, "image_size 300 must be 0"),
+    ({"image_size": 4096}, "image_size 4096"),
+    ({"min_improvement": 2}, "min_improvement 2 must be a number from 0 to 1"),
+    ({"min_improvement": float("nan")}, "min_improvement nan"),
+    ({"overrides": "input.batch_size=8"}, "must be a list of KEY=VALUE strings"),
+    ({"overrides": ["stages.stage_2.epochs=0"]}, "stages.1.epochs"),
+    ({"overrides": ["input.batch_sise=8"]}, "input.batch_sise: unknown key"),
+    ({"backbone": "efficientnet_b99"}, "efficientnet_b99"),
+    (
+        {"overrides": ["stages=[{name: s, epochs: 1, unfreeze: 0, learning_rate: 0.1}]"]},
+        "compiled for",
+    ),
+]
+
+
+def _recipe() -> tuple[str, list[str]]:
+    from carclassifier.config import dump_config, load_config
+
+    config = load_config(RECIPE)
+    return dump_config(config), [s.name for s in config.stages]
+
+
+@pytest.mark.parametrize("arguments", GOOD_ARGUMENTS, ids=lambda a: ",".join(a))
+def test_good_pipeline_arguments_pass(arguments):
+    from pipelines.car_classifier import check_arguments
+
+    assert check_arguments(arguments, *_recipe()) == arguments
+
+
+@pytest.mark.parametrize(("arguments", "expected"), BAD_ARGUMENTS, ids=lambda a: str(a)[:40])
+def test_bad_pipeline_arguments_fail_naming_the_parameter(arguments, expected):
+    from carclassifier.errors import CarClassifierError
+    from pipelines.car_classifier import check_arguments
+
+    with pytest.raises(CarClassifierError, match=expected.replace("(", r"\(")) as caught:
+        check_arguments(arguments, *_recipe())
+    assert "\n" not in str(caught.value)
+
+
+def test_a_local_run_may_use_local_folders():
+    from pipelines.car_classifier import check_arguments
+
+    local = {"checkpoint_root": "/tmp/ckpt", "champion_pointer": "/tmp/ckpt/champion.json"}
+    assert check_arguments(local, on_cluster=False) == local
+
+
+def test_submit_checks_parameters_before_any_network_call(compiled, capsys):
+    from pipelines import submit
+
+    package = submit.load_package(compiled)
+    assert package.recipe is not None and package.stage_names == tuple(_recipe()[1])
+    assert package.defaults["gpu_count"] == 1 and package.defaults["gpu_type"] == "nvidia.com/gpu"
+    good = submit.resolve_params(
+        submit.parse_params(["gpu_count=2", "checkpoint_root=gs://my-bucket/c"]), package
+    )
+    submit.check_run_parameters(package, good)  # passes
+    # Port 9 (discard) on localhost: had validation not stopped it, this would be a network error.
+    argv = ["submit", "--host", "http://127.0.0.1:9", "--package", str(compiled)]
+    for param, expected in [
+        ("gpu_count=-1", "bad pipeline parameter: gpu_count -1"),
+        ("gpu_type=gpu", "bad pipeline parameter: gpu_type 'gpu'"),
+        ("checkpoint_root=gs://b/x", "bad pipeline parameter: checkpoint_root"),
+        ("overrides=[input.batch_size=0]", "input.batch_size"),
+    ]:
+        assert submit.main([*argv, "--param", param], environ={}) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and expected in err and "\n" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"gpu_node_selector": {"bad key!": "x"}}, "not a valid Kubernetes label"),
+        ({"gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia tesla"}}, "label"),
+        ({"gpu_toleration_key": "no spaces allowed"}, "taint key"),
+        ({"kaggle_secret": "Kaggle_Credentials"}, "DNS-1123"),
+        ({"gcs_key_dir": "relative/dir"}, "absolute path"),
+        ({"retries": -1}, "retries -1"),
+        ({"backoff_duration": "a minute"}, "not a duration"),
+        ({"run_as_user": 0}, "run_as_user 0 must be a non-root id"),
+    ],
+)
+def test_cluster_options_are_checked_when_the_pipeline_is_built(change, expected):
+    from dataclasses import replace
+
+    from carclassifier.errors import ConfigError
+    from pipelines.car_classifier import ClusterOptions, Resources, build_pipeline
+
+    with pytest.raises(ConfigError, match=expected):
+        build_pipeline(RECIPE, options=replace(ClusterOptions(), **change))
+    with pytest.raises(ConfigError, match="must be positive and at most the limit"):
+        build_pipeline(
+            RECIPE, options=ClusterOptions(cpu_resources=Resources("8", "1Gi", "4", "2Gi"))
+        )
+    with pytest.raises(ConfigError, match="not a Kubernetes quantity"):
+        build_pipeline(
+            RECIPE, options=ClusterOptions(cpu_resources=Resources("2", "8 GB", "4", "16Gi"))
+        )
+
+
+def test_compile_rejects_a_bad_node_label_in_one_line(tmp_path, capsys):
+    from pipelines.compile import main as compile_main
+
+    args = ["--config", str(RECIPE), "--out", str(tmp_path / "p.yaml")]
+    assert compile_main([*args, "--gpu-node-label", "bad key!=x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: GPU node label bad key!=x") and "\n" not in err
+    assert not (tmp_path / "p.yaml").exists()
