@@ -69,12 +69,14 @@ RUN pip wheel --no-cache-dir --no-deps --build-constraint /build/gpu/gpu-constra
 
 # --------------------------------------------------------------------------------------------
 FROM base AS runtime
-# A fixed numeric uid/gid, so pods can use runAsNonRoot/runAsUser: 1000 and Kubernetes can
-# verify it; a home for the caches Keras, matplotlib and the Kaggle client write.
-RUN groupadd --gid 1000 carclassifier \
-    && useradd --uid 1000 --gid 1000 --no-log-init --create-home \
-        --home-dir /home/carclassifier --shell /bin/bash carclassifier \
-    && install -d -o 1000 -g 1000 /workspace
+# A fixed numeric uid/gid, so pods can use runAsNonRoot/runAsUser: 10001 and Kubernetes can
+# verify it (the pipeline sets the same ids: pipelines/car_classifier.py RUN_AS_USER). Above
+# 10000, so it matches no user of the node. A writable home for the caches Keras, matplotlib
+# and the Kaggle client write; no credentials are copied in (they come from env / mounted secrets).
+RUN groupadd --gid 10001 carclassifier \
+    && useradd --uid 10001 --gid 10001 --no-log-init --create-home \
+        --home-dir /home/carclassifier --shell /usr/sbin/nologin carclassifier \
+    && install -d -o 10001 -g 10001 -m 0750 /workspace
 COPY --from=deps /opt/venv /opt/venv
 # The package without its dependencies (they are all in the venv; --no-deps keeps pip from
 # pulling tensorflow-cpu, which carclassifier's metadata names), then a smoke check.
@@ -93,7 +95,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/nvidia/lib \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 WORKDIR /workspace
-USER 1000:1000
+USER 10001:10001
 
 # Last, so a new commit only changes metadata, not the layers above.
 ARG VERSION=0.1.0

@@ -408,6 +408,20 @@ def test_runs_as_a_non_root_user() -> None:
     last_user = runtime.index(users[-1])
     assert not [i for i in runtime[last_user:] if i.keyword == "RUN"], "RUN after USER"
     assert any(i.keyword == "WORKDIR" for i in runtime)
+    # Above the node's own users, and the very ids the pipeline's security context sets.
+    from pipelines.car_classifier import RUN_AS_USER, ClusterOptions
+
+    uid, _, gid = users[-1].value.partition(":")
+    assert int(uid) >= 10000 and int(uid) == RUN_AS_USER == ClusterOptions().run_as_user
+    assert gid and int(gid) == ClusterOptions().run_as_group
+    # HOME is the home useradd creates (owned by the user, so writable).
+    env: dict[str, str] = {}
+    for ins in runtime:
+        if ins.keyword == "ENV":
+            env.update(ins.pairs())
+    assert f"--create-home --home-dir {env['HOME']}" in " ".join(created.split())
+    workdir = [i.value for i in runtime if i.keyword == "WORKDIR"][-1]
+    assert f"install -d -o {uid} -g {gid}" in created and workdir in created
 
 
 def test_no_secrets_in_the_image() -> None:
@@ -546,6 +560,15 @@ def test_dockerignore_keeps_what_is_copied_and_nothing_else() -> None:
         "src/carclassifier/__pycache__/cli.cpython-311.pyc",
         "src/carclassifier.egg-info/PKG-INFO",
         "__pycache__/x.pyc",
+        # credentials in any form never reach the builder
+        "kaggle.env",
+        "server.pem",
+        "tls/private.key",
+        "credentials.json",
+        "gcs-credentials/key.json",
+        ".kaggle/kaggle.json",
+        ".config/gcloud/application_default_credentials.json",
+        "secrets/token",
     ):
         assert ignored(junk, patterns), f"{junk} would be sent to the builder"
 
@@ -958,3 +981,137 @@ def test_scripts_parse_and_require_their_settings() -> None:
 
 if __name__ == "__main__":  # pragma: no cover - `python tests/test_docker_manifests.py`
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pod security: the namespace's Pod Security Admission labels and the pods' security contexts
+
+POD_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "Job", "Pod"})
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any], list[dict]]]:
+    """(name, pod-level spec, containers) of every object that makes pods: built-in workloads
+    and the KServe predictor (a PodSpec inlined next to its model container)."""
+    for doc in docs:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] in POD_KINDS:
+            spec = doc["spec"] if doc["kind"] == "Pod" else doc["spec"]["template"]["spec"]
+            yield name, spec, [*spec.get("initContainers", []), *spec["containers"]]
+        elif doc["kind"] == "InferenceService":
+            predictor = doc["spec"]["predictor"]
+            yield name, predictor, [predictor["model"]]
+
+
+def restricted_violations(spec: dict[str, Any], containers: list[dict]) -> list[str]:
+    """Where a pod breaks the Pod Security Standard "restricted" (the checks of
+    k8s.io/pod-security-admission that a manifest can show), plus this project's own rules:
+    read-only root filesystem and CPU/memory limits on every container."""
+    problems = []
+    pod = spec.get("securityContext", {})
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(key):
+            problems.append(key)
+    for volume in spec.get("volumes", []):
+        if "hostPath" in volume:
+            problems.append(f"hostPath volume {volume['name']}")
+    for container in containers:
+        ctx = container.get("securityContext", {})
+        where = container.get("name", "model")
+        if ctx.get("privileged"):
+            problems.append(f"{where}: privileged")
+        if ctx.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{where}: allowPrivilegeEscalation is not false")
+        capabilities = ctx.get("capabilities", {})
+        if "ALL" not in capabilities.get("drop", []):
+            problems.append(f"{where}: capabilities not dropped (drop: [ALL])")
+        if set(capabilities.get("add", [])) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{where}: capabilities added")
+        if not ctx.get("runAsNonRoot", pod.get("runAsNonRoot")):
+            problems.append(f"{where}: runAsNonRoot not set")
+        if ctx.get("runAsUser", pod.get("runAsUser")) == 0:
+            problems.append(f"{where}: runAsUser 0")
+        seccomp = ctx.get("seccompProfile", pod.get("seccompProfile", {}))
+        if seccomp.get("type") not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{where}: no RuntimeDefault seccomp profile")
+        if ctx.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{where}: root filesystem writable")
+        limits = container.get("resources", {}).get("limits", {})
+        if not {"cpu", "memory"} <= set(limits):
+            problems.append(f"{where}: no cpu and memory limits")
+    return problems
+
+
+def test_namespace_enforces_baseline_and_warns_on_restricted() -> None:
+    (namespace,) = by_kind(rendered(), "Namespace")
+    labels = namespace["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "baseline"
+    assert labels["pod-security.kubernetes.io/warn"] == "restricted"
+    assert labels["pod-security.kubernetes.io/audit"] == "restricted"
+    for mode in ("enforce", "warn", "audit"):
+        assert re.fullmatch(r"v1\.\d+", labels[f"pod-security.kubernetes.io/{mode}-version"])
+
+
+def test_every_pod_of_the_manifests_meets_restricted_and_runs_read_only() -> None:
+    found = list(pod_specs(rendered()))
+    assert any(name.startswith("InferenceService/") for name, _, _ in found)
+    for name, spec, containers in found:
+        assert not restricted_violations(spec, containers), (
+            name,
+            restricted_violations(spec, containers),
+        )
+        # A read-only root filesystem needs somewhere to write: /tmp is an emptyDir.
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for container in containers:
+            mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+            assert "/tmp" in mounts and "emptyDir" in volumes[mounts["/tmp"]], name
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_predictor_pod_fields_are_valid_kubernetes(version: str) -> None:
+    """The predictor's pod and container fields, put in a Pod, pass kubernetes-validate: the
+    security context and volume field names and types are Kubernetes' own."""
+    predictor = isvc()["spec"]["predictor"]
+    model = predictor["model"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "predictor"},
+        "spec": {
+            "securityContext": predictor["securityContext"],
+            "volumes": predictor["volumes"],
+            "containers": [
+                {
+                    "name": "kserve-container",
+                    "image": "tensorflow/serving:" + model["runtimeVersion"],
+                    "securityContext": model["securityContext"],
+                    "volumeMounts": model["volumeMounts"],
+                    "resources": model["resources"],
+                }
+            ],
+        },
+    }
+    kubernetes_validate.validate(pod, desired_version=version, strict=True)
+
+
+RESTRICTED_BREAKS: dict[str, tuple[tuple[str, ...], Any]] = {
+    "root user": ((*PREDICTOR, "securityContext", "runAsUser"), _set(0)),
+    "runAsNonRoot off": ((*PREDICTOR, "securityContext", "runAsNonRoot"), _set(False)),
+    "no seccomp": ((*PREDICTOR, "securityContext", "seccompProfile"), _set({"type": "Unconfined"})),
+    "escalation": ((*MODEL, "securityContext", "allowPrivilegeEscalation"), _set(True)),
+    "capabilities kept": ((*MODEL, "securityContext", "capabilities"), _set({"drop": []})),
+    "capability added": (
+        (*MODEL, "securityContext", "capabilities"),
+        _set({"drop": ["ALL"], "add": ["SYS_ADMIN"]}),
+    ),
+    "writable root": ((*MODEL, "securityContext", "readOnlyRootFilesystem"), _set(False)),
+    "privileged": ((*MODEL, "securityContext", "privileged"), _set(True)),
+    "no limits": ((*MODEL, "resources", "limits"), _set({})),
+    "hostPath": ((*PREDICTOR, "volumes"), _set([{"name": "h", "hostPath": {"path": "/"}}])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESTRICTED_BREAKS))
+def test_the_restricted_check_catches_each_break(case: str) -> None:
+    broken = _mutated(*RESTRICTED_BREAKS[case])
+    ((_, spec, containers),) = list(pod_specs([broken]))
+    assert restricted_violations(spec, containers), f"{case} was accepted"
