@@ -97,9 +97,7 @@ def test_checkpoint_round_trip_keeps_weights_and_optimizer_state(tmp_path):
     out = str(tmp_path / "stage")
     for epoch in (1, 2):
         write_checkpoint(out, epoch, model, {"epoch": epoch, "history": {}}, tmp_path, keep=1)
-    assert not (
-        tmp_path / "stage" / "checkpoints" / "epoch-0001"
-    ).exists()  # only the newest is kept
+    assert (tmp_path / "stage" / "checkpoints" / "epoch-0001").exists()  # the previous good one
     restored, state = read_checkpoint(out, tmp_path / "read")
     assert state["epoch"] == 2
     for a, b in zip(model.get_weights(), restored.get_weights(), strict=True):
