@@ -129,6 +129,13 @@ def test_concurrent_requests_all_answered(server):
     assert len({r[2] for r in results}) == 1  # the same image, the same answer
 
 
+def test_sigterm_stops_the_server_cleanly(server):
+    """Last of the tests on the module's server: Kubernetes stops a pod with SIGTERM."""
+    server.process.terminate()
+    assert server.process.wait(timeout=30) == 0
+    assert server.log().rstrip().endswith("stopped")
+
+
 def test_a_model_that_cannot_load_stops_the_server_with_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "carclassifier.cli", "serve", "--model", str(tmp_path / "none")]

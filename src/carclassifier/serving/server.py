@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import _thread
 import logging
+import os
+import signal
 import threading
 
 from PIL import Image
@@ -21,14 +23,27 @@ from carclassifier.serving.predictor import Predictor
 log = logging.getLogger(__name__)
 
 
-def _load_into(slot: ModelSlot, config: ServingConfig, failed: list[BaseException]) -> None:
+class _Stop(Exception):
+    """Raised in the main thread by the SIGTERM handler: leave the serving loop."""
+
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    raise _Stop(signum)
+
+
+def _load_into(
+    slot: ModelSlot, config: ServingConfig, failed: list[BaseException], by_signal: bool
+) -> None:
     try:
         slot.set(Predictor.load(config.model, config.backend))
         log.info("ready: serving %s (%s backend)", config.model, config.backend)
     except BaseException as exc:  # reported by serve() in the main thread
         failed.append(exc)
         slot.error = f"the model could not be loaded: {exc}"
-        _thread.interrupt_main()
+        if by_signal:
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            _thread.interrupt_main()
 
 
 def serve(config: ServingConfig) -> None:
@@ -49,18 +64,24 @@ def serve(config: ServingConfig) -> None:
         clear_untrusted_proxy_headers=True,
     )
     failed: list[BaseException] = []
-    loader = threading.Thread(target=_load_into, args=(slot, config, failed), daemon=True)
-    try:  # the loader interrupts this thread when the model cannot be loaded
+    # SIGTERM (Kubernetes stopping the pod, or the loader failing) leaves the loop cleanly.
+    in_main = threading.current_thread() is threading.main_thread()
+    loader = threading.Thread(target=_load_into, args=(slot, config, failed, in_main), daemon=True)
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_stop) if in_main else None
         loader.start()
         log.info("listening on http://%s:%s/", server.effective_host, server.effective_port)
         server.run()
-    except KeyboardInterrupt:
+    except (_Stop, KeyboardInterrupt):
         loader.join(timeout=5)
         if not failed:
             log.info("stopped")
             return
     finally:
         server.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     exc = failed[0]
     if isinstance(exc, CarClassifierError):
         raise exc
