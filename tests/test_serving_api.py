@@ -330,6 +330,24 @@ def test_no_route_touches_the_filesystem_with_request_paths(client, predictor):
     assert app.debug is False
 
 
+def test_uploads_are_never_saved_under_their_names(client, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # werkzeug spools big parts here
+    monkeypatch.chdir(tmp_path)
+    token = uuid.uuid4().hex
+    big = jpeg_bytes((1200, 900), seed=5) + b"\0" * 600_000  # spooled, not kept in memory
+    names = [f"{token}.jpg", f"../../{token}-up.jpg", f"/tmp/{token}-abs.jpg"]
+    files = {"file": [(_io(big), names[0]), (_io(jpeg_bytes()), names[1]), (_io(big), names[2])]}
+    response = client.post("/v1/predict", data=files)
+    assert (
+        response.status_code == 200 and [p["file"] for p in response.json["predictions"]] == names
+    )
+    assert not list(tmp_path.rglob(f"*{token}*"))
+    for base in (tmp_path.parent, tmp_path.parent.parent, Path("/tmp")):
+        assert not list(base.glob(f"*{token}*")), base
+
+
 def test_readiness_follows_model_loading(predictor):
     slot = ModelSlot()
     client = make_client(slot)
