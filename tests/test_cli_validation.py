@@ -199,6 +199,7 @@ tokens = st.one_of(
 @settings(
     max_examples=60,
     deadline=None,
+    database=None,  # no .hypothesis/ folder in the working tree
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(st.sampled_from(sorted(COMMANDS)), st.lists(tokens, max_size=6))

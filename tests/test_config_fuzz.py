@@ -20,6 +20,7 @@ from carclassifier.errors import ConfigError
 SETTINGS = settings(
     max_examples=200,
     deadline=None,
+    database=None,  # no .hypothesis/ folder in the working tree
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
@@ -131,7 +132,7 @@ def test_yaml_files_raise_only_config_errors(tmp_path_factory, text, items) -> N
     _check(lambda: load_config(path, items))
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50, deadline=None, database=None)
 @given(st.binary(max_size=64))
 def test_undecodable_files_are_config_errors(tmp_path_factory, raw) -> None:
     path = Path(tmp_path_factory.mktemp("bin")) / "config.yaml"

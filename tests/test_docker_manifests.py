@@ -733,12 +733,14 @@ def test_kustomization_renders_the_expected_objects() -> None:
     docs = rendered()
     kinds = sorted((d["kind"], d["metadata"]["name"]) for d in docs)
     assert kinds == [
+        ("Deployment", "carclassifier-web"),  # the web app (carclassifier serve)
         ("InferenceService", "carclassifier"),
         ("Namespace", NAMESPACE),
         ("PriorityClass", "carclassifier-serving"),
         ("ResourceQuota", "carclassifier-gpu"),
         ("Role", "carclassifier-pipeline-runner"),
         ("RoleBinding", "carclassifier-pipeline-runner"),
+        ("Service", "carclassifier-web"),
         ("ServiceAccount", PIPELINE_SA),
         ("ServiceAccount", SERVING_SA),
     ]
@@ -760,7 +762,7 @@ def test_kustomization_renders_the_expected_objects() -> None:
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_builtin_kinds_are_valid_kubernetes(version: str) -> None:
     builtin = [d for d in rendered() if is_builtin(d)]
-    assert len(builtin) == 7
+    assert len(builtin) == 9
     for doc in builtin + load_yaml_documents(SECRET_TEMPLATE):
         kubernetes_validate.validate(doc, desired_version=version, strict=True)
 

@@ -379,10 +379,17 @@ class RunConfig(_Section):
         return stage.batch_size or self.input.batch_size
 
 
+def _printable(part: object) -> str:
+    """A key of the config as shown in an error: as is, or quoted when it holds a newline or
+    another unprintable character (the message stays one line)."""
+    text = str(part)
+    return text if text.isprintable() else repr(text)
+
+
 def _format_validation_error(error: ValidationError, source: str) -> str:
     parts = []
     for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "config"
+        key = ".".join(_printable(p) for p in item["loc"]) or "config"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key (check the spelling against configs/*.yaml)"
@@ -423,7 +430,7 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
             continue
         child = node.setdefault(part, {})
         if not isinstance(child, dict | list):
-            raise ConfigError(f"override {override!r}: {part} is not a section")
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
         node = child
     if isinstance(node, list):
         raise ConfigError(f"override {override!r}: name a stage, e.g. stages.stage_1.epochs=2")
