@@ -717,8 +717,8 @@ def _out_of_memory(
     )
     message = (
         f"{stage.name} ran out of device memory at batch size {batch} with {size}x{size} px "
-        f"images (epoch {done + 1}); try batch size {smaller} (--set stages.<i>.batch_size="
-        f"{smaller} or input.batch_size={smaller}) or smaller images; {kept}"
+        f"images (epoch {done + 1}); try batch size {smaller} (--set stages.{stage.name}."
+        f"batch_size={smaller}) or smaller images; {kept}"
     )
     log.error(message)
     return StageOutOfMemoryError(message)
