@@ -78,6 +78,13 @@ image:  ## build the GPU trainer image (IMAGE=registry/path:tag; needs Docker wi
 push-image: image  ## build and push: make push-image IMAGE=REGISTRY/carclassifier/trainer:TAG
 	$(DOCKER) push $(IMAGE)
 
+.PHONY: serve
+SERVE_MODEL ?= $(RUN_DIR)/export
+SERVE_HOST ?= 127.0.0.1
+SERVE_PORT ?= 8080
+serve: install  ## web page + JSON API for an exported model on http://127.0.0.1:8080/ (SERVE_MODEL=dir or gs://...)
+	$(VENV)/bin/carclassifier serve --model $(SERVE_MODEL) --host $(SERVE_HOST) --port $(SERVE_PORT)
+
 manifests-validate: install  ## Dockerfile checks + manifests against Kubernetes and KServe schemas
 	$(PY) -m pytest -q tests/test_docker_manifests.py
 

@@ -42,9 +42,9 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # --------------------------------------------------------------------------------------------
 FROM base AS runtime
-# A fixed numeric uid/gid so the pod's runAsNonRoot/runAsUser: 1000 can be verified.
-RUN groupadd --gid 1000 carclassifier \
-    && useradd --uid 1000 --gid 1000 --no-log-init --no-create-home \
+# A fixed numeric uid/gid so the pod's runAsNonRoot/runAsUser: 10001 can be verified.
+RUN groupadd --gid 10001 carclassifier \
+    && useradd --uid 10001 --gid 10001 --no-log-init --no-create-home \
         --home-dir /tmp --shell /usr/sbin/nologin carclassifier
 COPY --from=deps /opt/venv /opt/venv
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/tmp/wheels \
@@ -60,7 +60,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     MPLCONFIGDIR=/tmp/matplotlib \
     TF_CPP_MIN_LOG_LEVEL=2
 WORKDIR /tmp
-USER 1000:1000
+USER 10001:10001
 EXPOSE 8080
 
 ARG VERSION=0.1.0

@@ -175,7 +175,7 @@ def test_serve_dockerfile_runs_the_server_as_non_root_from_the_lock():
     assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}", built[0].image)
     runtime = built[-1].instructions
     users = [i.value for i in runtime if i.keyword == "USER"]
-    assert users == ["1000:1000"]
+    assert users == ["10001:10001"]
     deps_run = " ".join(i.value for i in built[1].instructions if i.keyword == "RUN")
     assert "-c requirements/lock.txt" in deps_run and "pip check" in deps_run
     assert "tensorflow[and-cuda]" not in SERVE_DOCKERFILE.read_text()
