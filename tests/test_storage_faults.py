@@ -126,3 +126,33 @@ def test_conditional_writes_do_not_clobber(bucket, proxy, tmp_path):
     local = tmp_path / "claim.json"
     assert storage.create_text(str(local), "a") and not storage.create_text(str(local), "b")
     assert local.read_text() == "a" and not list(tmp_path.glob("*.partial"))
+
+
+def test_a_stage_checkpoints_to_gcs_through_transient_errors(
+    bucket, proxy, make_folder_dataset, tmp_path, caplog
+):
+    from test_preemption import small_init_model
+
+    from carclassifier.config import load_config
+    from carclassifier.prepare import prepare_data
+    from carclassifier.stages import run_stage
+
+    data = make_folder_dataset(per_class=4)
+    config = load_config(None, [f"data.root={data}", f"output_dir={tmp_path / 'run'}",
+                                "model.weights=null", "input.image_size=32", "input.batch_size=4",
+                                "stages=[{name: s1, epochs: 2, unfreeze: 0.5, learning_rate: 0.01}]"])  # fmt: skip
+    prepared = prepare_data(config, tmp_path / "run", progress=False)
+    init = str(small_init_model(tmp_path / "init.keras"))
+    out = f"gs://{bucket.name}/run/stages/s1"
+    proxy.rules = [
+        Rule(path=UPLOAD, status=503, times=3),
+        Rule(path=UPLOAD, action="close", times=2),
+        Rule(method="GET", path="latest.json", status=429, times=2),
+    ]
+    with caplog.at_level(logging.INFO):
+        result = run_stage(config, "s1", prepared, out, init)
+    assert result.metrics["epochs_run"] == 2
+    assert len(proxy.faults()) == 7, proxy.faults()
+    assert "retry attempt" in caplog.text and "s1 epoch 2/2" in caplog.text
+    pointer = storage.read_text(f"{out}/checkpoints/latest.json")
+    assert '"epoch": 2' in pointer

@@ -21,11 +21,11 @@ Reliability (see docs/reliability.md):
   files) exists; ``latest.json`` then moves to it (on gs:// conditional on the generation read,
   so two writers cannot both move it). A checkpoint that fails its checksums is skipped with a
   warning and the previous good one is used; at least two are kept.
-* SIGTERM (what Kubernetes sends before SIGKILL): the current train step finishes, the epoch is
-  abandoned (its partial progress could not be resumed identically), no new checkpoint is
-  needed since the last complete epoch's is already stored, and the process exits with status
-  143 (`PREEMPTED_EXIT_CODE`). A checkpoint upload under way when the signal comes completes
-  first.
+* SIGTERM (what Kubernetes sends before SIGKILL): the current train or validation step
+  finishes, the epoch is abandoned (a mid-epoch state could not be resumed identically, so no
+  mid-epoch checkpoint is written: the last complete epoch's checkpoint is already stored), and
+  the process exits with status 143 (`PREEMPTED_EXIT_CODE`). A checkpoint upload under way when
+  the signal comes completes first; so the time to exit is one step plus at most one upload.
 * Out of memory: a clear `StageOutOfMemoryError` naming the stage, batch and image size and a
   smaller batch size to try; the checkpoints stay.
 * Idempotence. A stage whose ``metrics.json`` exists and was made from the same fingerprint
@@ -304,9 +304,10 @@ class StageCheckpoint(keras.callbacks.Callback):
 
 
 class SigtermGuard(keras.callbacks.Callback):
-    """While training, SIGTERM sets a flag; the callback then stops after the current train step
-    (or after the epoch-end checkpoint being written) by raising `StagePreempted`. Comes after
-    `StageCheckpoint`. Installs its handler only in the main thread."""
+    """While training, SIGTERM sets a flag; the callback then stops after the current train or
+    validation step (or after the epoch-end checkpoint being written) by raising
+    `StagePreempted`. Comes after `StageCheckpoint`. Installs its handler only in the main
+    thread (elsewhere SIGTERM keeps its default action)."""
 
     def __init__(self, stage: StageConfig, out: str) -> None:
         super().__init__()
@@ -346,6 +347,10 @@ class SigtermGuard(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if self.received:
             self._stop(f"in epoch {self._epoch + 1} after batch {batch + 1}: epoch abandoned")
+
+    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.received:
+            self._stop(f"while validating epoch {self._epoch + 1}: epoch abandoned")
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if self.received:
@@ -413,11 +418,9 @@ def write_checkpoint(
             "two processes are training into the same stage folder"
         ) from exc
     kept = max(keep, MIN_KEPT)
-    for old in range(epoch - kept, 0, -1):
-        stale = storage.join(out, "checkpoints", f"epoch-{old:04d}")
-        if not storage.exists(storage.join(stale, MANIFEST)):
-            break
-        storage.delete_tree(stale)
+    for stale in storage.list_names(storage.join(out, "checkpoints")):
+        if stale.startswith("epoch-") and int(stale.split("-")[1]) <= epoch - kept:
+            storage.delete_tree(storage.join(out, "checkpoints", stale))
     return folder
 
 
@@ -518,7 +521,9 @@ def content_id(uri: str) -> str:
     """A content checksum of the file at ``uri`` (local: SHA-256; gs://: the stored CRC32C)."""
     if storage.is_gcs_uri(uri):
         bucket, name = storage.split_gcs_uri(uri)
-        blob = storage.gcs_client().bucket(bucket).get_blob(name)
+        blob = storage.gcs_client().bucket(bucket).get_blob(
+            name, retry=storage.gcs_retry(f"look up {uri}"), timeout=storage.gcs_timeout()
+        )
         if blob is None:
             raise StorageError(f"{uri} not found: check the --init model URI")
         return f"crc32c:{blob.crc32c or blob.md5_hash or blob.size}"
