@@ -1,0 +1,1 @@
+"""CPU benchmarks (``make bench``); run each as ``python -m benchmarks.<name>`` from the root."""
