@@ -329,7 +329,11 @@ class TrainConfig(_Section):
         None, ge=1, le=10**7, description="Cap batches per epoch (tests, smoke runs)."
     )
     keep_checkpoints: int = Field(
-        1, ge=1, le=1000, description="Per-epoch checkpoints kept (the newest)."
+        2,
+        ge=2,
+        le=1000,
+        description="Per-epoch checkpoints kept, newest first; at least 2, so a corrupt newest "
+        "one falls back to the previous.",
     )
 
 
