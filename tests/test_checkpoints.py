@@ -11,14 +11,14 @@ import pytest
 from conftest import tiny_model
 from gcs_fault_proxy import FaultProxy
 
-from carclassifier import stages, storage
-from carclassifier.errors import StorageError
-from carclassifier.stages import (
+from carclassifier import checkpoints, storage
+from carclassifier.checkpoints import (
     CLAIM,
     StageConflictError,
     read_checkpoint,
     write_checkpoint,
 )
+from carclassifier.errors import StorageError
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_a_bad_newest_checkpoint_falls_back_to_the_previous_one(model, tmp_path,
         (newest / "state.json").write_text('{"epoch": 3, "history": {"loss": [9]}}')
     else:
         (newest / "state.json").unlink()
-    with caplog.at_level(logging.WARNING, logger="carclassifier.stages"):
+    with caplog.at_level(logging.WARNING, logger="carclassifier.checkpoints"):
         restored, state = read_checkpoint(str(out), tmp_path / "read")
     assert state["epoch"] == 2
     assert restored.get_weights()[0].shape == model.get_weights()[0].shape
@@ -79,7 +79,7 @@ def test_an_uncommitted_newer_folder_is_ignored_and_a_broken_pointer_is_survived
     (torn / "model.keras").write_bytes(b"half a zip")
     assert read_checkpoint(str(out), tmp_path / "a")[1]["epoch"] == 2
     (out / "checkpoints" / "latest.json").write_text('{"epoch": 2, "di')  # torn pointer
-    with caplog.at_level(logging.WARNING, logger="carclassifier.stages"):
+    with caplog.at_level(logging.WARNING, logger="carclassifier.checkpoints"):
         assert read_checkpoint(str(out), tmp_path / "b")[1]["epoch"] == 2
     assert "latest.json is unreadable" in caplog.text
 
@@ -103,11 +103,11 @@ def test_gcs_checkpoints_fall_back_and_pointer_moves_are_conditional(
         _write_epochs(out, model, tmp_path)
         names = sorted(b.name for b in bucket.list_blobs())
         assert [n for n in names if "epoch-0001" in n] == []
-        assert f"run/stages/stage_1/checkpoints/epoch-0002/{stages.MANIFEST}" in names
+        assert f"run/stages/stage_1/checkpoints/epoch-0002/{checkpoints.MANIFEST}" in names
         bucket.blob("run/stages/stage_1/checkpoints/epoch-0003/model.keras").upload_from_string(
             b"truncated"
         )
-        with caplog.at_level(logging.WARNING, logger="carclassifier.stages"):
+        with caplog.at_level(logging.WARNING, logger="carclassifier.checkpoints"):
             assert read_checkpoint(out, tmp_path / "read")[1]["epoch"] == 2
         assert "falling back" in caplog.text
 

@@ -11,15 +11,10 @@ from gcs_fault_proxy import FaultProxy
 from test_preemption import small_init_model
 
 from carclassifier import storage
+from carclassifier.checkpoints import StageConflictError, claim_stage, write_checkpoint
 from carclassifier.config import load_config
 from carclassifier.prepare import prepare_data
-from carclassifier.stages import (
-    StageConflictError,
-    claim_stage,
-    run_stage,
-    stage_fingerprint,
-    write_checkpoint,
-)
+from carclassifier.stages import run_stage, stage_fingerprint
 from carclassifier.steps import make_run_key
 
 STAGE = "stages=[{name: stage_1, epochs: 1, unfreeze: 0.5, learning_rate: 0.01}]"

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from test_preemption import small_init_model
 
-from carclassifier import stages
+from carclassifier import checkpoints
 from carclassifier.config import load_config
 from carclassifier.prepare import prepare_data
 from carclassifier.stages import StageOutOfMemoryError, run_stage
@@ -29,7 +29,7 @@ def test_out_of_memory_names_the_batch_and_keeps_the_checkpoint(
     init = str(small_init_model(tmp_path / "init.keras"))
     out = str(tmp_path / "run" / "stages" / "stage_1")
 
-    begin = stages.StageCheckpoint.on_epoch_begin
+    begin = checkpoints.StageCheckpoint.on_epoch_begin
 
     def on_epoch_begin(self, epoch, logs=None):
         self.current = epoch
@@ -41,8 +41,8 @@ def test_out_of_memory_names_the_batch_and_keeps_the_checkpoint(
                 None, None, "OOM when allocating tensor with shape[4,32,32,3] on /device:GPU:0"
             )
 
-    monkeypatch.setattr(stages.StageCheckpoint, "on_epoch_begin", on_epoch_begin)
-    monkeypatch.setattr(stages.StageCheckpoint, "on_train_batch_end", on_train_batch_end)
+    monkeypatch.setattr(checkpoints.StageCheckpoint, "on_epoch_begin", on_epoch_begin)
+    monkeypatch.setattr(checkpoints.StageCheckpoint, "on_train_batch_end", on_train_batch_end)
     with pytest.raises(StageOutOfMemoryError) as error:
         run_stage(config, "stage_1", prepared, out, init)
     message = str(error.value)
@@ -56,7 +56,7 @@ def test_out_of_memory_names_the_batch_and_keeps_the_checkpoint(
 
     monkeypatch.undo()
     smaller = _config(tmp_path / "run", data, "stages.stage_1.batch_size=2")
-    with caplog.at_level("INFO", logger="carclassifier.stages"):
+    with caplog.at_level("INFO", logger="carclassifier"):
         result = run_stage(smaller, "stage_1", prepared, out, init)
     assert "(epoch 1 done)" in caplog.text and "batch 2" in caplog.text
     assert result.metrics["epochs_run"] == 2 and not result.skipped

@@ -21,8 +21,9 @@ import pytest
 from conftest import write_image
 
 from carclassifier.config import load_config
+from carclassifier.errors import PREEMPTED_EXIT_CODE
 from carclassifier.prepare import prepare_data
-from carclassifier.stages import PREEMPTED_EXIT_CODE, run_stage
+from carclassifier.stages import run_stage
 
 EPOCHS = 3
 STAGES = (
@@ -36,21 +37,21 @@ DRIVER = textwrap.dedent(
     import os, signal, sys
     import tensorflow as tf
     tf.config.experimental.enable_op_determinism()
-    from carclassifier import stages, storage
+    from carclassifier import checkpoints, storage
     fault = os.environ.get("FAULT", "")
     kind, _, where = fault.partition(":")
     if kind in ("sigkill-batch", "sigterm-batch"):
         epoch, batch = (int(x) for x in where.split(","))
         sig = signal.SIGKILL if kind == "sigkill-batch" else signal.SIGTERM
-        begin = stages.StageCheckpoint.on_epoch_begin
+        begin = checkpoints.StageCheckpoint.on_epoch_begin
         def on_epoch_begin(self, e, logs=None):
             self.current = e + 1
             begin(self, e, logs)
         def on_train_batch_end(self, b, logs=None):
             if (self.current, b + 1) == (epoch, batch):
                 os.kill(os.getpid(), sig)
-        stages.StageCheckpoint.on_epoch_begin = on_epoch_begin
-        stages.StageCheckpoint.on_train_batch_end = on_train_batch_end
+        checkpoints.StageCheckpoint.on_epoch_begin = on_epoch_begin
+        checkpoints.StageCheckpoint.on_train_batch_end = on_train_batch_end
     elif kind == "sigkill-upload":  # after model.keras is stored, before state.json
         put = storage.put_file
         def put_file(local, uri):

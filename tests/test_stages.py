@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 
 from carclassifier import storage
+from carclassifier.checkpoints import read_checkpoint, write_checkpoint
 from carclassifier.config import ModelConfig, load_config
 from carclassifier.model import backbone_blocks, build_classifier, set_trainable
 from carclassifier.prepare import prepare_data
-from carclassifier.stages import _lr_factor, read_checkpoint, run_stage, write_checkpoint
+from carclassifier.stages import run_stage
+from carclassifier.training_callbacks import _lr_factor
 
 TINY_STAGES = (
     "stages=[{name: stage_1, epochs: 2, unfreeze: 0.0, learning_rate: 0.01},"
@@ -124,13 +126,13 @@ def test_corrupt_checkpoint_is_detected(tmp_path, tiny_model):
 KILL_AFTER_FIRST_EPOCH = textwrap.dedent(
     """
     import os, signal, sys
-    from carclassifier import stages
-    original = stages.StageCheckpoint.on_epoch_end
+    from carclassifier import checkpoints
+    original = checkpoints.StageCheckpoint.on_epoch_end
     def on_epoch_end(self, epoch, logs=None):
         original(self, epoch, logs)
         if epoch == 0:
             os.kill(os.getpid(), signal.SIGKILL)  # preempted right after epoch 1's checkpoint
-    stages.StageCheckpoint.on_epoch_end = on_epoch_end
+    checkpoints.StageCheckpoint.on_epoch_end = on_epoch_end
     from carclassifier.cli import main
     sys.exit(main(sys.argv[1:]))
     """

@@ -17,7 +17,12 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from carclassifier.errors import CarClassifierError, ConfigError
+from carclassifier.errors import (
+    PREEMPTED_EXIT_CODE,
+    CarClassifierError,
+    ConfigError,
+    StagePreempted,
+)
 
 log = logging.getLogger("carclassifier")
 
@@ -396,6 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_args(args)
         args.func(args)
+    except StagePreempted:
+        # Stopped by SIGTERM with its checkpoint stored. Leave at once: a normal interpreter
+        # shutdown with tf.data threads still running can abort ("terminate called without an
+        # active exception", status -6) instead of exiting with the preemption status.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(PREEMPTED_EXIT_CODE)
     except CarClassifierError as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2

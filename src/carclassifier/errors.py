@@ -31,3 +31,19 @@ class BackboneError(CarClassifierError):
 
 class StorageError(CarClassifierError):
     """A local path or gs:// URI cannot be read or written."""
+
+
+PREEMPTED_EXIT_CODE = 143
+"""Exit status after SIGTERM (128 + 15): the stage stopped cleanly and resumes when restarted."""
+
+
+class StagePreempted(SystemExit):
+    """SIGTERM stopped a training stage cleanly after its last checkpoint; not an error: exits
+    the process with `PREEMPTED_EXIT_CODE`, and a restart with the same arguments resumes."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
