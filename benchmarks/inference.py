@@ -82,7 +82,9 @@ def main() -> None:
         single = rng.uniform(0, 255, (1, size, size, 3)).astype(np.float32)
         batch = rng.uniform(0, 255, (args.batch, size, size, 3)).astype(np.float32)
         reference = predict["keras"](batch)
-        max_diff = {name: float(np.abs(fn(batch) - reference).max()) for name, fn in predict.items()}
+        max_diff = {
+            name: float(np.abs(fn(batch) - reference).max()) for name, fn in predict.items()
+        }
         for fn in predict.values():  # warm-up: graph tracing, allocations
             fn(single), fn(batch)
         latency: dict[str, list[float]] = {name: [] for name in predict}

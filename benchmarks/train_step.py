@@ -42,9 +42,7 @@ def build(backbone: str, size: int, mode: str, weights: str | None) -> keras.Mod
     policy, jit = MODES[mode]
     keras.mixed_precision.set_global_policy(policy)
     try:
-        model = build_classifier(
-            ModelConfig(backbone=backbone, weights=weights), NUM_CLASSES, size
-        )
+        model = build_classifier(ModelConfig(backbone=backbone, weights=weights), NUM_CLASSES, size)
         set_trainable(model, 1.0)
         model.compile(
             optimizer=keras.optimizers.Adam(1e-5),
