@@ -172,7 +172,7 @@ def test_export_replaces_an_existing_folder(tmp_path):
     out.mkdir()
     (out / "stale.txt").write_text("old")
     export_model(other, ["x", "y"], out)
-    assert sorted(p.name for p in out.iterdir()) == ["labels.json", "model.keras", "saved_model"]
+    assert sorted(p.name for p in out.iterdir()) == ["labels.json", "model.keras", "model.onnx", "saved_model"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     with pytest.raises(ValueError, match="3 class names but the model outputs 2"):
         export_model(other, CLASSES, tmp_path / "bad")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import logging
 import re
+import shutil
 import uuid
 from pathlib import Path
 
@@ -78,24 +79,38 @@ def _files(paths: list[Path]) -> dict:
 
 
 def test_backends_agree_and_keras_loads_in_safe_mode(export_dir, real_photos):
-    assert set(LOADERS) >= {"keras", "saved_model"}
+    assert set(LOADERS) == {"keras", "saved_model", "onnx"}
     keras_p = Predictor.load(export_dir, "keras")
     saved_p = Predictor.load(export_dir, "saved_model")
-    assert keras_p.class_names == saved_p.class_names == CLASSES
-    assert keras_p.image_size == saved_p.image_size == (SIZE, SIZE)
+    onnx_p = Predictor.load(export_dir, "onnx")
+    assert keras_p.class_names == saved_p.class_names == onnx_p.class_names == CLASSES
+    assert keras_p.image_size == saved_p.image_size == onnx_p.image_size == (SIZE, SIZE)
     images = [decode_image(p.read_bytes(), (SIZE, SIZE), 10**8) for p in real_photos]
-    a, b = keras_p.predict(images), saved_p.predict(images)
+    a, b, c = keras_p.predict(images), saved_p.predict(images), onnx_p.predict(images)
     assert a.shape == (len(images), len(CLASSES))
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(a, c, atol=1e-4, rtol=0)
     np.testing.assert_allclose(a.sum(axis=1), 1.0, atol=1e-5)
-    assert re.fullmatch(r"[0-9a-f]{12}", keras_p.version) and keras_p.version != saved_p.version
+    versions = {keras_p.version, saved_p.version, onnx_p.version}
+    assert all(re.fullmatch(r"[0-9a-f]{12}", v) for v in versions) and len(versions) == 3
+
+
+def test_auto_backend_is_onnx_when_the_export_has_it(export_dir, tmp_path):
+    assert (export_dir / "model.onnx").is_file()  # written by export_model, checked vs Keras
+    assert Predictor.load(export_dir).backend == "onnx"
+    without = tmp_path / "no-onnx"
+    shutil.copytree(export_dir, without)
+    (without / "model.onnx").unlink()
+    assert Predictor.load(without).backend == "saved_model"
+    with pytest.raises(StorageError, match="has no model.onnx"):
+        Predictor.load(without, "onnx")
 
 
 def test_load_errors_name_the_problem(export_dir, tmp_path):
     with pytest.raises(StorageError, match="does not exist"):
         Predictor.load(tmp_path / "nowhere")
-    with pytest.raises(StorageError, match="unknown backend 'onnx'"):
-        Predictor.load(export_dir, "onnx")
+    with pytest.raises(StorageError, match="unknown backend 'tflite'"):
+        Predictor.load(export_dir, "tflite")
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "labels.json").write_text((export_dir / "labels.json").read_text())
     with pytest.raises(StorageError, match="saved_model/1/saved_model.pb is missing"):
@@ -111,7 +126,8 @@ def test_loads_from_gcs(export_dir, gcs_emulator, real_photos):
     upload_tree(export_dir, f"gs://{bucket.name}/runs/x/export")
     local = Predictor.load(export_dir, "saved_model")
     images = [decode_image(p.read_bytes(), (SIZE, SIZE), 10**8) for p in real_photos[:2]]
-    for backend in ("saved_model", "keras"):
+    assert Predictor.load(f"gs://{bucket.name}/runs/x/export").backend == "onnx"
+    for backend in ("onnx", "saved_model", "keras"):
         remote = Predictor.load(f"gs://{bucket.name}/runs/x/export", backend)
         assert remote.class_names == CLASSES
         np.testing.assert_allclose(remote.predict(images), local.predict(images), atol=1e-4)
@@ -422,6 +438,6 @@ def test_cli_flags_build_one_config(monkeypatch, capsys):
     config = seen["c"]
     assert (config.model, config.port, config.max_upload_mib) == ("gs://b/export", 9000, 2.0)
     assert (config.max_files, config.top_k, config.tta_views) == (3, 5, 4)
-    assert config.backend == "saved_model" and config.host == "127.0.0.1"
+    assert config.backend == "auto" and config.host == "127.0.0.1"
     assert main(["serve", "--max-files", "0"]) == 2
     assert "error: serve: --max-files:" in capsys.readouterr().err

@@ -89,7 +89,8 @@ def test_serves_real_photos_and_logs_start_up_and_requests(server, tmp_path):
         assert {t["class"] for t in prediction["top"]} <= set(CLASSES)
     assert get_json(f"{server.url}/v1/model")[1]["classes"] == CLASSES
     log = server.log()
-    assert re.search(r"model \S+export, backend saved_model", log), log
+    assert re.search(r"model \S+export, backend auto", log), log
+    assert re.search(r"ready: serving \S+export \(onnx backend\)", log), log
     assert re.search(r"POST /v1/predict 200 [\d.]+ ms 3 images", log), log
     assert "Serving on" in log or "listening on http://127.0.0.1" in log
 

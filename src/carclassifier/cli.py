@@ -375,7 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="export folder or gs:// prefix (default runs/local/export)")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8080; 0 = any free port)")
-    p.add_argument("--backend", choices=["keras", "saved_model"], help="default saved_model")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "onnx", "saved_model", "keras"],
+        help="default auto: onnx when the export has model.onnx, else saved_model",
+    )
     p.add_argument("--threads", type=int, help="waitress worker threads (default 4)")
     p.add_argument("--max-upload-mib", type=float, help="largest request body (default 20)")
     p.add_argument("--max-files", type=int, help="most images per request (default 16)")

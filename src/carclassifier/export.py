@@ -97,11 +97,16 @@ def export_model(
     class_names: list[str],
     out_dir: str | Path,
     metadata: dict | None = None,
+    onnx: bool = True,
 ) -> Path:
-    """Write ``model.keras``, ``saved_model/`` and ``labels.json`` into ``out_dir``.
+    """Write ``model.keras``, ``saved_model/``, ``labels.json`` and (``onnx``) ``model.onnx``
+    into ``out_dir``.
 
     ``metadata`` (e.g. backbone, metrics; numpy scalars are fine) goes into ``labels.json``.
-    An existing ``out_dir`` is replaced only once the new export is complete. Returns ``out_dir``.
+    ``model.onnx`` is written only when ONNX Runtime matches Keras within `ONNX_TOLERANCE`
+    (`export_onnx`); a conversion that fails or differs is logged and left out, and the
+    serving app then uses the SavedModel. An existing ``out_dir`` is replaced only once the
+    new export is complete. Returns ``out_dir``.
     """
     if is_gcs_uri(out_dir):
         raise StorageError(
@@ -127,6 +132,8 @@ def export_model(
                 tf.TensorSpec((None, height, width, 3), tf.float32, name=SERVING_INPUT)
             ],
         )
+        if onnx:
+            _try_onnx(model, tmp)
         (tmp / LABELS_FILE).write_text(text, encoding="utf-8")
         old = None
         if out.exists():
@@ -184,6 +191,19 @@ def export_onnx(model: keras.Model, out_dir: str | Path, seed: int = 0) -> Path:
         tmp.unlink(missing_ok=True)
     log.info("exported ONNX model to %s (max difference to Keras %.1e)", out / ONNX_FILE, error)
     return out / ONNX_FILE
+
+
+def _try_onnx(model: keras.Model, out_dir: Path) -> None:
+    """`export_onnx`, where a failure only costs the faster serving backend (logged)."""
+    try:
+        export_onnx(model, out_dir)
+    except Exception as exc:  # noqa: BLE001 - any converter failure: serve the SavedModel
+        log.warning("model.onnx not written (%s); servers use the SavedModel", _short(exc))
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _rename_output(graph: Any, name: str) -> None:

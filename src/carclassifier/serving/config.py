@@ -9,10 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from carclassifier.errors import StorageError
 
-Backend = Literal["keras", "saved_model"]
-DEFAULT_BACKEND: Backend = "saved_model"
-"""Measured faster than ``keras`` on the Lite0 export at batch 1-16 (benchmarks/results/serving.md)
-with probabilities equal within 1e-4 (tests/test_serving_api.py)."""
+Backend = Literal["auto", "onnx", "saved_model", "keras"]
+DEFAULT_BACKEND: Backend = "auto"
+"""``onnx`` when the export has ``model.onnx`` (ONNX Runtime: 1.3x faster than the SavedModel at
+batch 1 and 2.1x at batch 32 on the Lite0 export, benchmarks/results/inference.md; the export
+writes it only when it matches Keras within 1e-4), else ``saved_model`` (a little faster than
+``keras``, benchmarks/results/serving.md). All give the same probabilities within 1e-4
+(tests/test_serving_api.py)."""
 
 MIB = 1024 * 1024
 
@@ -25,7 +28,9 @@ class ServingConfig(BaseModel):
     model: str = Field(
         "runs/local/export", description="Export folder or gs:// prefix (the only model loaded)."
     )
-    backend: Backend = Field(DEFAULT_BACKEND, description="keras (model.keras) or saved_model.")
+    backend: Backend = Field(
+        DEFAULT_BACKEND, description="auto, onnx (model.onnx), saved_model or keras (model.keras)."
+    )
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in a container).")
     port: int = Field(8080, ge=0, le=65535, description="Port (0: any free port).")
     threads: int = Field(4, ge=1, le=64, description="waitress worker threads.")

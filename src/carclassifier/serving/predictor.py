@@ -6,8 +6,11 @@
 
 A backend is one entry of `LOADERS`: a function from a local export folder to a `Loaded`
 (a forward function on float32 ``[N, H, W, 3]`` RGB 0..255 batches, the labels document, a version
-string). ``keras`` loads ``model.keras`` (``safe_mode=True``); ``saved_model`` the TensorFlow
-SavedModel's ``serving_default`` signature. Another runtime (e.g. ONNX) is one more loader.
+string). ``onnx`` runs ``model.onnx`` in ONNX Runtime (the fastest on CPU:
+benchmarks/results/inference.md; written by the export only when it matches Keras within 1e-4);
+``saved_model`` the TensorFlow SavedModel's ``serving_default`` signature; ``keras`` loads
+``model.keras`` (``safe_mode=True``). ``auto`` picks ``onnx`` when the export has it, else
+``saved_model``.
 
 Images are decoded exactly as in training and evaluation (`carclassifier.data.load_image`:
 RGB, bilinear resize to the model's size); the pixel count is checked from the header before
@@ -35,6 +38,7 @@ from carclassifier.errors import CarClassifierError, StorageError
 from carclassifier.export import (
     LABELS_FILE,
     MODEL_FILE,
+    ONNX_FILE,
     SAVED_MODEL_DIR,
     SAVED_MODEL_VERSION,
     SERVING_INPUT,
@@ -42,7 +46,7 @@ from carclassifier.export import (
     SERVING_SIGNATURE,
     load_exported,
 )
-from carclassifier.storage import download_tree, get_file, is_gcs_uri, join
+from carclassifier.storage import download_tree, exists, get_file, is_gcs_uri, join
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +139,42 @@ def _load_saved_model(folder: Path) -> Loaded:
     return Loaded(forward, labels, _digest(files))
 
 
+def _load_onnx(folder: Path) -> Loaded:
+    import onnxruntime as ort
+
+    path = folder / ONNX_FILE
+    labels = _read_labels(folder)
+    if not path.is_file():
+        raise StorageError(
+            f"{folder} has no {ONNX_FILE} (the export leaves it out when the conversion fails "
+            "or differs from Keras); use --backend saved_model"
+        )
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+        raise StorageError(f"cannot load {ONNX_FILE} of {folder}: {exc}") from exc
+    outputs = session.get_outputs()[0].shape[-1]
+    if outputs != len(labels["class_names"]):
+        raise StorageError(
+            f"{folder}: {LABELS_FILE} lists {len(labels['class_names'])} classes but "
+            f"{ONNX_FILE} outputs {outputs}; the files come from different exports"
+        )
+
+    def forward(batch: np.ndarray) -> np.ndarray:
+        return session.run([SERVING_OUTPUT], {SERVING_INPUT: batch.astype(np.float32)})[0]
+
+    return Loaded(forward, labels, _digest([path]))
+
+
 LOADERS: dict[str, Callable[[Path], Loaded]] = {
-    "keras": _load_keras,
+    "onnx": _load_onnx,
     "saved_model": _load_saved_model,
+    "keras": _load_keras,
 }
 """Backend name -> loader of a local export folder."""
 
 _REMOTE_FILES: dict[str, tuple[str, ...]] = {
+    "onnx": (LABELS_FILE, ONNX_FILE),
     "keras": (LABELS_FILE, MODEL_FILE),
     "saved_model": (LABELS_FILE, f"{SAVED_MODEL_DIR}/{SAVED_MODEL_VERSION}/"),
 }
@@ -209,6 +242,15 @@ def decode_image(data: bytes, size: tuple[int, int], max_pixels: int) -> np.ndar
 # --------------------------------------------------------------------------- predictor
 
 
+def auto_backend(uri: str) -> str:
+    """``onnx`` when the export at ``uri`` holds ``model.onnx``, else ``saved_model``."""
+    if is_gcs_uri(uri):
+        has_onnx = exists(join(uri, ONNX_FILE))
+    else:
+        has_onnx = (Path(uri).expanduser() / ONNX_FILE).is_file()
+    return "onnx" if has_onnx else "saved_model"
+
+
 class Predictor:
     """An exported model loaded once; `predict` runs one forward pass per call.
 
@@ -233,11 +275,16 @@ class Predictor:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, uri: str | Path, backend: str = "saved_model") -> Predictor:
-        """Load the export at ``uri`` (local folder or gs:// prefix) with ``backend``."""
-        if backend not in LOADERS:
-            raise StorageError(f"unknown backend {backend!r}; choose one of {sorted(LOADERS)}")
+    def load(cls, uri: str | Path, backend: str = "auto") -> Predictor:
+        """Load the export at ``uri`` (local folder or gs:// prefix) with ``backend``
+        (``auto``: ``onnx`` when the export has ``model.onnx``, else ``saved_model``)."""
         uri = str(uri)
+        if backend == "auto":
+            backend = auto_backend(uri)
+        if backend not in LOADERS:
+            raise StorageError(
+                f"unknown backend {backend!r}; choose one of {['auto', *sorted(LOADERS)]}"
+            )
         with tempfile.TemporaryDirectory(prefix="carclassifier-serve-") as scratch:
             loaded = LOADERS[backend](_fetch(uri, backend, Path(scratch)))
         predictor = cls(loaded, uri, backend)

@@ -35,8 +35,9 @@ def _load_into(
     slot: ModelSlot, config: ServingConfig, failed: list[BaseException], by_signal: bool
 ) -> None:
     try:
-        slot.set(Predictor.load(config.model, config.backend))
-        log.info("ready: serving %s (%s backend)", config.model, config.backend)
+        predictor = Predictor.load(config.model, config.backend)
+        slot.set(predictor)
+        log.info("ready: serving %s (%s backend)", config.model, predictor.backend)
     except BaseException as exc:  # reported by serve() in the main thread
         failed.append(exc)
         slot.error = f"the model could not be loaded: {exc}"
