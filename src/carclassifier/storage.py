@@ -174,21 +174,26 @@ def local_copy(uri: str | os.PathLike[str]) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".partial")
+    log.info("downloading %s -> %s", uri, target)
+    _download(str(uri), tmp, f"{uri} not found: check the bucket and object name")
+    os.replace(tmp, target)
+    return target
+
+
+def _download(uri: str, tmp: Path, not_found: str) -> None:
+    """Stream the object at ``uri`` into ``tmp`` (retried; removed again on failure)."""
     from google.api_core import exceptions as gexc
 
     try:
-        log.info("downloading %s -> %s", uri, target)
-        with _gcs_errors("read", str(uri)):
-            _blob(str(uri)).download_to_filename(
+        with _gcs_errors("read", uri):
+            _blob(uri).download_to_filename(
                 str(tmp), retry=gcs_retry(f"download {uri}"), timeout=gcs_timeout()
             )
     except StorageError as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc.__cause__, gexc.NotFound):
-            raise StorageError(f"{uri} not found: check the bucket and object name") from exc
+            raise StorageError(not_found) from None
         raise
-    os.replace(tmp, target)
-    return target
 
 
 # --------------------------------------------------------------------------- writing and listing
@@ -337,18 +342,7 @@ def get_file(uri: str, local: str | os.PathLike[str]) -> Path:
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(local.name + ".partial")
     if is_gcs_uri(uri):
-        from google.api_core import exceptions as gexc
-
-        try:
-            with _gcs_errors("read", uri):
-                _blob(uri).download_to_filename(
-                    str(tmp), retry=gcs_retry(f"download {uri}"), timeout=gcs_timeout()
-                )
-        except StorageError as exc:
-            tmp.unlink(missing_ok=True)
-            if isinstance(exc.__cause__, gexc.NotFound):
-                raise StorageError(f"{uri} not found") from None
-            raise
+        _download(uri, tmp, f"{uri} not found")
     else:
         if not Path(uri).is_file():
             raise StorageError(f"{uri} does not exist")
