@@ -69,6 +69,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     started = time.monotonic()
     gpus = tf.config.list_physical_devices("GPU")
+    if not gpus and not args.smoke:
+        raise SystemExit(
+            "gpu.py: TensorFlow sees no GPU (the development .venv has tensorflow-cpu); run it "
+            "where tensorflow[and-cuda]==2.21.0 is installed, e.g. the trainer image "
+            "(docker/trainer.Dockerfile), or use --smoke for a CPU dry run"
+        )
     details = tf.config.experimental.get_device_details(gpus[0]) if gpus else {}
     device = args.device or details.get("device_name") or ("GPU" if gpus else "CPU")
     if args.smoke:
