@@ -111,3 +111,16 @@ def test_every_default_image_size_is_valid_for_its_backbone():
     for name in available_backbones():
         spec = get_backbone(name)
         assert spec.default_image_size % spec.size_multiple == 0, name
+
+
+def test_random_weights_follow_the_global_seed():
+    """weights=None: the same seed gives the same initial weights, another seed other ones (a
+    resumed or repeated stage with random weights starts where the first one did)."""
+
+    def first_weights(seed: int) -> np.ndarray:
+        keras.utils.set_random_seed(seed)
+        model = efficientnet_lite0(input_shape=(32, 32, 3), weights=None)
+        return np.concatenate([w.ravel() for w in model.get_weights()[:4]])
+
+    np.testing.assert_array_equal(first_weights(7), first_weights(7))
+    assert not np.array_equal(first_weights(7), first_weights(8))

@@ -32,11 +32,17 @@ DROP_CONNECT_RATE = 0.2
 DROPOUT_RATE = 0.2
 NUM_CLASSES = 1000
 
-# Same initializers as keras.applications EfficientNet.
-_CONV_INIT = keras.initializers.VarianceScaling(
-    2.0, mode="fan_out", distribution="truncated_normal"
-)
-_DENSE_INIT = keras.initializers.VarianceScaling(1.0 / 3.0, mode="fan_out", distribution="uniform")
+# Same initializers as keras.applications EfficientNet. A fresh instance per layer, made when the
+# model is built: an unseeded initializer takes its seed when it is created, so module-level
+# instances would ignore keras.utils.set_random_seed (random weights not repeatable).
+
+
+def _conv_init() -> keras.initializers.Initializer:
+    return keras.initializers.VarianceScaling(2.0, mode="fan_out", distribution="truncated_normal")
+
+
+def _dense_init() -> keras.initializers.Initializer:
+    return keras.initializers.VarianceScaling(1.0 / 3.0, mode="fan_out", distribution="uniform")
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,7 @@ def _mbconv(x: keras.KerasTensor, block: _Block, drop_rate: float) -> keras.Kera
             1,
             padding="same",
             use_bias=False,
-            kernel_initializer=_CONV_INIT,
+            kernel_initializer=_conv_init(),
             name=p + "expand_conv",
         )(x)
         x = _bn(p + "expand_bn")(x)
@@ -126,7 +132,7 @@ def _mbconv(x: keras.KerasTensor, block: _Block, drop_rate: float) -> keras.Kera
         strides=block.stride,
         padding="same",
         use_bias=False,
-        depthwise_initializer=_CONV_INIT,
+        depthwise_initializer=_conv_init(),
         name=p + "dwconv",
     )(x)
     x = _bn(p + "bn")(x)
@@ -136,7 +142,7 @@ def _mbconv(x: keras.KerasTensor, block: _Block, drop_rate: float) -> keras.Kera
         1,
         padding="same",
         use_bias=False,
-        kernel_initializer=_CONV_INIT,
+        kernel_initializer=_conv_init(),
         name=p + "project_conv",
     )(x)
     x = _bn(p + "project_bn")(x)
@@ -205,7 +211,7 @@ def efficientnet_lite0(
         strides=2,
         padding="same",
         use_bias=False,
-        kernel_initializer=_CONV_INIT,
+        kernel_initializer=_conv_init(),
         name="stem_conv",
     )(x)
     x = _bn("stem_bn")(x)
@@ -218,7 +224,7 @@ def efficientnet_lite0(
         1,
         padding="same",
         use_bias=False,
-        kernel_initializer=_CONV_INIT,
+        kernel_initializer=_conv_init(),
         name="top_conv",
     )(x)
     x = _bn("top_bn")(x)
@@ -229,7 +235,7 @@ def efficientnet_lite0(
         x = layers.Dense(
             NUM_CLASSES,
             activation=classifier_activation,
-            kernel_initializer=_DENSE_INIT,
+            kernel_initializer=_dense_init(),
             name="predictions",
         )(x)
     elif pooling == "avg":
