@@ -231,6 +231,27 @@ def _local_file(folder: str | Path, name: str, scratch: Path) -> Path:
     return path
 
 
+def read_labels(path: Path, uri: str | Path) -> dict[str, Any]:
+    """The ``labels.json`` at local ``path`` (fetched from the export at ``uri``), checked to
+    hold a ``class_names`` list."""
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StorageError(f"{LABELS_FILE} of {uri} is not readable JSON ({exc})") from None
+    if not isinstance(labels, dict) or not isinstance(labels.get("class_names"), list):
+        raise StorageError(f"{LABELS_FILE} of {uri} has no class_names list; re-export the model")
+    return labels
+
+
+def check_outputs(uri: str | Path, labels: dict[str, Any], outputs: int, what: str) -> None:
+    """Refuse a model file (``what``) whose class count differs from ``labels.json``'s."""
+    if outputs != len(labels["class_names"]):
+        raise StorageError(
+            f"{uri}: {LABELS_FILE} lists {len(labels['class_names'])} classes but {what} "
+            f"outputs {outputs}; the files come from different exports"
+        )
+
+
 def load_exported(uri: str | Path) -> tuple[keras.Model, dict[str, Any]]:
     """Load an export folder written by `export_model`: the Keras model and ``labels.json``.
 
@@ -242,24 +263,11 @@ def load_exported(uri: str | Path) -> tuple[keras.Model, dict[str, Any]]:
     if not is_gcs_uri(uri) and not Path(uri).expanduser().is_dir():
         raise StorageError(f"export folder {uri} does not exist; run the export step first")
     with tempfile.TemporaryDirectory(prefix="carclassifier-export-") as scratch:
-        labels_path = _local_file(uri, LABELS_FILE, Path(scratch))
-        try:
-            labels = json.loads(labels_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise StorageError(f"{LABELS_FILE} of {uri} is not readable JSON ({exc})") from None
-        if not isinstance(labels, dict) or not isinstance(labels.get("class_names"), list):
-            raise StorageError(
-                f"{LABELS_FILE} of {uri} has no class_names list; re-export the model"
-            )
+        labels = read_labels(_local_file(uri, LABELS_FILE, Path(scratch)), uri)
         model_path = _local_file(uri, MODEL_FILE, Path(scratch))
         try:
             model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
         except (OSError, ValueError, zipfile.BadZipFile) as exc:
             raise StorageError(f"cannot load {MODEL_FILE} of {uri}: {exc}") from exc
-    outputs = int(model.output_shape[-1])
-    if outputs != len(labels["class_names"]):
-        raise StorageError(
-            f"{uri}: {LABELS_FILE} lists {len(labels['class_names'])} classes but the model "
-            f"outputs {outputs}; the files come from different exports"
-        )
+    check_outputs(uri, labels, int(model.output_shape[-1]), "the model")
     return model, labels

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import tempfile
 import threading
@@ -44,7 +43,9 @@ from carclassifier.export import (
     SERVING_INPUT,
     SERVING_OUTPUT,
     SERVING_SIGNATURE,
+    check_outputs,
     load_exported,
+    read_labels,
 )
 from carclassifier.storage import download_tree, exists, get_file, is_gcs_uri, join
 
@@ -94,13 +95,7 @@ def _load_keras(folder: Path) -> Loaded:
 
 
 def _read_labels(folder: Path) -> dict[str, Any]:
-    try:
-        labels = json.loads((folder / LABELS_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StorageError(f"{LABELS_FILE} of {folder} is not readable JSON ({exc})") from None
-    if not isinstance(labels, dict) or not isinstance(labels.get("class_names"), list):
-        raise StorageError(f"{LABELS_FILE} of {folder} has no class_names list; re-export")
-    return labels
+    return read_labels(folder / LABELS_FILE, folder)
 
 
 def _load_saved_model(folder: Path) -> Loaded:
@@ -126,11 +121,7 @@ def _load_saved_model(folder: Path) -> Loaded:
     except (OSError, ValueError, KeyError) as exc:
         raise StorageError(f"cannot load the SavedModel of {folder}: {exc}") from exc
     outputs = int(signature.structured_outputs[SERVING_OUTPUT].shape[-1])
-    if outputs != len(labels["class_names"]):
-        raise StorageError(
-            f"{folder}: {LABELS_FILE} lists {len(labels['class_names'])} classes but the "
-            f"SavedModel outputs {outputs}; the files come from different exports"
-        )
+    check_outputs(folder, labels, outputs, "the SavedModel")
 
     def forward(batch: np.ndarray) -> np.ndarray:
         return signature(**{SERVING_INPUT: tf.constant(batch)})[SERVING_OUTPUT].numpy()
@@ -153,12 +144,7 @@ def _load_onnx(folder: Path) -> Loaded:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
         raise StorageError(f"cannot load {ONNX_FILE} of {folder}: {exc}") from exc
-    outputs = session.get_outputs()[0].shape[-1]
-    if outputs != len(labels["class_names"]):
-        raise StorageError(
-            f"{folder}: {LABELS_FILE} lists {len(labels['class_names'])} classes but "
-            f"{ONNX_FILE} outputs {outputs}; the files come from different exports"
-        )
+    check_outputs(folder, labels, int(session.get_outputs()[0].shape[-1]), ONNX_FILE)
 
     def forward(batch: np.ndarray) -> np.ndarray:
         return session.run([SERVING_OUTPUT], {SERVING_INPUT: batch.astype(np.float32)})[0]
