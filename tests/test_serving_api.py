@@ -166,6 +166,11 @@ def test_json_base64_gives_the_same_answer_and_top_k(client, real_photos):
     (prediction,) = response.json["predictions"]
     assert prediction["file"] == "x.jpg" and len(prediction["top"]) == 2
     assert prediction["top"] == multipart["predictions"][0]["top"][:2]
+    everything = client.post("/v1/predict?top_k=99", json=payload).json["predictions"][0]["top"]
+    assert [t["class"] for t in everything] == [
+        t["class"] for t in multipart["predictions"][0]["top"]
+    ]
+    assert len(everything) == len(CLASSES)  # top_k above the class count gives every class
 
 
 def test_tta_averages_views_in_one_pass_and_is_repeatable(client, predictor, monkeypatch):
@@ -266,7 +271,7 @@ BAD_INPUTS = {
         "images[0]",
     ),
     "bad top_k": (
-        lambda: dict(query_string={"top_k": "99"}, data={"file": [(_io(jpeg_bytes()), "a.jpg")]}),
+        lambda: dict(query_string={"top_k": "0"}, data={"file": [(_io(jpeg_bytes()), "a.jpg")]}),
         400,
         "bad_parameter",
         "top_k",

@@ -26,6 +26,7 @@ import time
 from importlib import resources
 from typing import Any
 
+import yaml
 from flask import Flask, Response, g, jsonify, render_template, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -35,7 +36,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from carclassifier.serving.config import MIB, ServingConfig
 from carclassifier.serving.predictor import ImageInputError, Predictor, decode_image, top_k
@@ -129,15 +130,16 @@ def _error(status: int, code: str, message: str) -> tuple[Response, int]:
 
 
 def _flag(name: str) -> bool:
-    value = request.args.get(name, "0").strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise ApiError(400, "bad_parameter", f"{name} must be 0 or 1, got {value!r}")
+    """A 0/1 query flag (absent: 0), as ``/openapi.yaml`` declares it."""
+    value = request.args.get(name, "0")
+    if value not in ("0", "1"):
+        raise ApiError(400, "bad_parameter", f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    """An integer query parameter of at least ``low`` (absent: ``default``); larger values than
+    ``high`` are clamped to it (``top_k`` above the class count gives every class)."""
     raw = request.args.get(name)
     if raw is None:
         return default
@@ -145,9 +147,9 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
         value = int(raw)
     except ValueError:
         raise ApiError(400, "bad_parameter", f"{name} must be an integer, got {raw!r}") from None
-    if not low <= value <= high:
-        raise ApiError(400, "bad_parameter", f"{name} must be between {low} and {high}")
-    return value
+    if value < low:
+        raise ApiError(400, "bad_parameter", f"{name} must be at least {low}, got {value}")
+    return min(value, high)
 
 
 def _uploads(config: ServingConfig) -> list[tuple[str, bytes]]:
@@ -202,6 +204,18 @@ def _uploads(config: ServingConfig) -> list[tuple[str, bytes]]:
         "unsupported_media_type",
         f"Content-Type {mimetype or 'missing'}; send multipart/form-data or application/json",
     )
+
+
+def openapi_spec(config: ServingConfig) -> str:
+    """``openapi.yaml`` with this server's limits filled in (images per request), so that the
+    served description admits exactly the requests the server accepts."""
+    spec = yaml.safe_load(
+        resources.files("carclassifier.serving").joinpath("openapi.yaml").read_text()
+    )
+    content = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+    content["multipart/form-data"]["schema"]["properties"]["file"]["maxItems"] = config.max_files
+    content["application/json"]["schema"]["properties"]["images"]["maxItems"] = config.max_files
+    return yaml.safe_dump(spec, sort_keys=False, allow_unicode=True)
 
 
 def create_app(config: ServingConfig, model: Predictor | ModelSlot) -> Flask:
@@ -265,7 +279,10 @@ def create_app(config: ServingConfig, model: Predictor | ModelSlot) -> Flask:
                 f"{config.max_upload_mib:g} MiB",
             )
         code = (exc.name or "error").lower().replace(" ", "_")
-        return _error(status, code, exc.description or exc.name)
+        response, status = _error(status, code, exc.description or exc.name)
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            response.headers["Allow"] = ", ".join(sorted(exc.valid_methods))  # RFC 9110 15.5.6
+        return response, status
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> tuple[Response, int]:
@@ -293,10 +310,11 @@ def create_app(config: ServingConfig, model: Predictor | ModelSlot) -> Flask:
         metrics.model_loaded.set(1 if slot.predictor is not None else 0)
         return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
 
+    spec_text = openapi_spec(config)
+
     @app.get("/openapi.yaml")
     def openapi() -> Response:
-        text = resources.files("carclassifier.serving").joinpath("openapi.yaml").read_text()
-        return Response(text, mimetype="application/yaml")
+        return Response(spec_text, mimetype="application/yaml")
 
     @app.get("/v1/model")
     def model_info() -> Response:
