@@ -41,8 +41,8 @@ SUPPORTED_VERSIONS: tuple[str, ...] = (
     "2.2.0", "2.3.0", "2.4.0", "2.4.1", "2.5.0", "2.14.0", "2.14.3", "2.14.4", "2.15.0",
     "2.16.0", "2.16.1", "2.17.0",
 )  # fmt: skip
-"""KFP backend tags whose protos and driver code were read (Kubeflow 1.9 ships 2.2.0, 1.9.1 2.3.0,
-1.10 2.5.0)."""
+"""KFP backend tags whose protos and driver code were read (Kubeflow 1.9 ships 2.2.0, Kubeflow
+1.10 the 2.4/2.5 line; the API server's image tag says which one a cluster runs)."""
 DEFAULT_VERSION = SUPPORTED_VERSIONS[-1]
 """The newest supported backend: what ``compile`` targets without ``--kfp-version``."""
 FIELDS_FILE = Path(__file__).with_name("kfp_backend_fields.json")

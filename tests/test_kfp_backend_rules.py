@@ -102,6 +102,13 @@ def _executor_parameter_values(spec: Mapping, task: Mapping, run: Mapping) -> di
     return values
 
 
+def _go_v(number: float) -> str:
+    """Go's ``fmt.Sprintf("%v", float64)`` for the plain numbers of a resource spec: the
+    shortest text that reads back the same, without a trailing ``.0`` (8.0 -> "8")."""
+    text = repr(float(number))
+    return text[:-2] if text.endswith(".0") else text
+
+
 def resolve_pod_spec_input_runtime_parameter(value: str, parameter_values: Mapping) -> str:
     """Port of ``resolvePodSpecInputRuntimeParameter`` (kubeflow/pipelines
     backend/src/v2/driver/resolve.go, tag 2.17.0; util.go at 2.4.0): a placeholder becomes the
@@ -132,7 +139,7 @@ def pod_resources(container: Mapping, parameter_values: Mapping) -> dict[str, di
             )
             text = resolve_pod_spec_input_runtime_parameter(new, parameter_values) if new else ""
             if not new and old:
-                text = f"{old}{unit}"
+                text = f"{_go_v(old)}{unit}"
             if text:
                 out[kind.lower()] = text
     accelerator = resources.get("accelerator")
@@ -159,9 +166,9 @@ def pod_resources_before_2_4(container: Mapping) -> dict[str, dict[str, str]]:
     requests: dict[str, str] = {}
     for kind, unit in (("cpu", ""), ("memory", "G")):
         if resources.get(f"{kind}Limit"):
-            limits[kind] = f"{resources[f'{kind}Limit']}{unit}"
+            limits[kind] = f"{_go_v(resources[f'{kind}Limit'])}{unit}"
         if resources.get(f"{kind}Request"):
-            requests[kind] = f"{resources[f'{kind}Request']}{unit}"
+            requests[kind] = f"{_go_v(resources[f'{kind}Request'])}{unit}"
     accelerator = resources.get("accelerator") or {}
     if accelerator.get("type") and int(accelerator.get("count") or 0) > 0:
         limits[accelerator["type"]] = str(int(accelerator["count"]))
@@ -222,7 +229,7 @@ def test_before_2_4_the_gpu_is_compiled_in(packages):
     assert {"gpu_type", "gpu_count"}.isdisjoint(spec["root"]["inputDefinitions"]["parameters"])
     stage = pod_resources_before_2_4(_container(spec, _tasks(spec)["train-stage"]))
     assert stage["limits"]["nvidia.com/gpu"] == "1"
-    assert stage["limits"]["cpu"] == "8.0" and stage["requests"]["cpu"] == "6.0"
+    assert stage["limits"]["cpu"] == "8" and stage["requests"]["cpu"] == "6"
     assert stage["limits"]["memory"] == "27.917287424G"  # 26Gi, as the old field holds it
     prepare = pod_resources_before_2_4(_container(spec, _tasks(spec)["prepare-data"]))
     assert "nvidia.com/gpu" not in prepare["limits"]
