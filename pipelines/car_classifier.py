@@ -201,9 +201,9 @@ class ClusterOptions:
     backoff_factor: float = 2.0
     backoff_max_duration: str = "3600s"
     run_as_user: int | None = RUN_AS_USER
-    """uid of every container (with ``runAsNonRoot``); None leaves the security context unset,
-    for KFP backends older than kfp-kubernetes' ``set_security_context`` (kubeflow/pipelines
-    #12832), whose driver rejects the field."""
+    """uid of every container (with ``runAsNonRoot``); None leaves the security context unset.
+    Compiling for a KFP backend before 2.16.0 (``kfp_version``) leaves it out anyway: its proto
+    has no ``securityContext`` (docs/kfp-backend.md)."""
     run_as_group: int | None = RUN_AS_USER
     gpu_type: str = DEFAULT_GPU_TYPE
     """Default of the ``gpu_type`` parameter (compiled in where the backend cannot resolve it)."""
