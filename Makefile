@@ -20,6 +20,10 @@ EXPERIMENT ?= carclassifier
 PIPELINE_ROOT ?=
 CRON ?= 0 3 * * 0
 PARAMS ?=
+# The KFP backend (API server) release the package is compiled for; empty: the newest supported
+# (python -m pipelines compile --help lists them; docs/kfp-backend.md says what each can read).
+KFP_VERSION ?=
+COMPILE_ARGS = --image $(IMAGE) $(if $(KFP_VERSION),--kfp-version $(KFP_VERSION))
 export KFP_HOST KFP_NAMESPACE EXPERIMENT PIPELINE_ROOT
 
 .PHONY: help install install-reference test lint eda run-local bench clean compile run-pipeline-local \
@@ -58,8 +62,8 @@ bench: install  ## CPU benchmarks (~15 min; BENCH_ARGS=--quick ~5 min), results 
 	$(PY) -m benchmarks.memory $(BENCH_ARGS)
 	$(PY) -m benchmarks.gcs_throughput $(BENCH_ARGS)
 
-compile: install  ## the recipe's kfp pipeline -> pipelines/compiled/car_classifier.yaml (IMAGE=...)
-	$(PY) -m pipelines compile --config $(PIPELINE_CONFIG) --out $(PIPELINE_PACKAGE) --image $(IMAGE)
+compile: install  ## the recipe's kfp pipeline -> pipelines/compiled/car_classifier.yaml (IMAGE=..., KFP_VERSION=...)
+	$(PY) -m pipelines compile --config $(PIPELINE_CONFIG) --out $(PIPELINE_PACKAGE) $(COMPILE_ARGS)
 
 run-pipeline-local: install  ## the same pipeline with kfp.local on the local Lite0 recipe
 	$(PY) -m pipelines run-local --config $(CONFIG) --root runs/pipeline-local
@@ -68,7 +72,7 @@ submit-pipeline: compile  ## upload (a new version only if changed) and start a 
 	$(PY) -m pipelines.submit submit --package $(PIPELINE_PACKAGE) $(PARAMS)
 
 schedule: install  ## scheduled retraining: make schedule CRON="0 3 * * 0" (fresh data every run)
-	$(PY) -m pipelines compile --config $(PIPELINE_CONFIG) --out $(RETRAIN_PACKAGE) --image $(IMAGE) --no-cache-data
+	$(PY) -m pipelines compile --config $(PIPELINE_CONFIG) --out $(RETRAIN_PACKAGE) $(COMPILE_ARGS) --no-cache-data
 	$(PY) -m pipelines.submit schedule --package $(RETRAIN_PACKAGE) --cron "$(CRON)" $(PARAMS)
 
 unschedule: install  ## delete the recurring retraining run

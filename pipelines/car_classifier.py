@@ -13,15 +13,25 @@ stage list.
 
 Every task that runs a model (the stages, evaluate, predict, gate) requests ``gpu_count`` GPUs
 of ``gpu_type`` and is scheduled on the GPU node pool (node selector + toleration); every task
-is retried with exponential backoff (a preempted stage resumes from its checkpoints) and gets
-the GCS key secret, the prepare task the Kaggle secret; every container runs as the image's
-non-root user with ``runAsNonRoot`` (kfp-kubernetes ``set_security_context``; the KFP driver
-also drops all capabilities). `ClusterOptions` holds these settings and is checked when the
-pipeline is built; `check_arguments` checks a run's parameters before it is submitted.
+is retried with exponential backoff (a preempted stage resumes from its checkpoints), has a
+timeout (a stage's from its epochs, see `stage_timeout_seconds`) and gets the GCS key secret,
+the prepare task the Kaggle secret; every container runs as the image's non-root user with
+``runAsNonRoot`` (kfp-kubernetes ``set_security_context``; the KFP driver also drops all
+capabilities). `ClusterOptions` holds these settings and is checked when the pipeline is built;
+`check_arguments` checks a run's parameters before it is submitted.
+
+The package is compiled for one KFP backend release (``kfp_version``, `pipelines.kfp_versions`):
+what that release cannot read is left out of the kubernetes config (one warning line says
+what), and where its driver cannot resolve resource placeholders (before 2.4.0) the GPU type and
+count are compiled in from `ClusterOptions` instead of being run parameters. Values that reach
+the pod spec through a placeholder are string parameters: the driver reads them with
+``GetStringValue()`` (``resolvePodSpecInputRuntimeParameter``), which gives "" for a number.
 """
 
 # No `from __future__ import annotations`: kfp reads the pipeline function's annotations as types.
 import importlib.util
+import inspect
+import logging
 import math
 import re
 import sys
@@ -31,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import kfp
+import yaml
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import PipelineTask
 
@@ -46,6 +58,9 @@ from carclassifier.config import (
 from carclassifier.errors import ConfigError
 from carclassifier.steps import GCS_KEY_FILE_ENV
 from components import TRAINER_IMAGE, trainer_components
+from pipelines import kfp_versions
+
+log = logging.getLogger(__name__)
 
 DEFAULT_GPU_TYPE = "nvidia.com/gpu"
 """The accelerator type kfp puts in the pod's resource limits. On Kubeflow Pipelines (Argo
@@ -54,6 +69,11 @@ machine accelerator such as ``NVIDIA_TESLA_T4`` or ``NVIDIA_L4``."""
 MAX_GPUS = 16
 """Most GPUs one pod can get: the largest GPU machines (a2-megagpu-16g) have 16; a pod asking
 for more than any node has stays Pending forever."""
+REFERENCE_IMAGE_SIZE = 224
+"""Image size at which `ClusterOptions.epoch_timeout` applies; an epoch at size *s* gets
+(*s*/224)² of it (the work per image grows with the pixels)."""
+MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
+"""Longest task timeout accepted (a week)."""
 RUN_AS_USER = 10001
 """The trainer image's non-root uid/gid (docker/trainer.Dockerfile ``USER``)."""
 
@@ -112,14 +132,34 @@ def check_gpu_type(value: object) -> str:
     return text
 
 
-def check_gpu_count(value: object) -> int:
-    """A GPU count Kubernetes accepts: a whole number, 0 (no GPU) up to `MAX_GPUS`."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_GPUS:
+def check_gpu_count(value: object) -> str:
+    """A GPU count as the pipeline parameter takes it: a string of a whole number, "0" (no GPU)
+    up to `MAX_GPUS` (the KFP driver reads pod-spec placeholders as strings only)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
         raise ConfigError(
-            f"gpu_count {value!r} must be a whole number from 0 to {MAX_GPUS} (Kubernetes "
+            f"gpu_count {value!r} is a number, but the KFP driver reads GPU counts only as "
+            f"strings (a number gives no GPU): pass it as text, e.g. gpu_count='{value}'"
+        )
+    if not (isinstance(value, str) and value.isascii() and value.isdigit()) or not (
+        0 <= int(value) <= MAX_GPUS
+    ):
+        raise ConfigError(
+            f"gpu_count {value!r} must be a whole number from 0 to {MAX_GPUS} as text (Kubernetes "
             "requests GPUs in whole units; no node has more than 16)"
         )
-    return value
+    return str(int(value))
+
+
+def duration_seconds(text: str, what: str) -> int:
+    """Seconds of a duration like ``90s``, ``30m``, ``2h`` (at least 1 s, at most a week)."""
+    if not isinstance(text, str) or not _DURATION.match(text):
+        raise ConfigError(f"{what} {text!r} is not a duration like 60s, 30m or 2h")
+    scale = {"ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+    unit = "ms" if text.endswith("ms") else text[-1]
+    seconds = math.ceil(float(text[: -len(unit)]) * scale[unit])
+    if not 1 <= seconds <= MAX_TIMEOUT_SECONDS:
+        raise ConfigError(f"{what} {text} must be from 1s to {MAX_TIMEOUT_SECONDS // 3600}h")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -161,10 +201,23 @@ class ClusterOptions:
     backoff_factor: float = 2.0
     backoff_max_duration: str = "3600s"
     run_as_user: int | None = RUN_AS_USER
-    """uid of every container (with ``runAsNonRoot``); None leaves the security context unset,
-    for KFP backends older than kfp-kubernetes' ``set_security_context`` (kubeflow/pipelines
-    #12832), whose driver rejects the field."""
+    """uid of every container (with ``runAsNonRoot``); None leaves the security context unset.
+    Compiling for a KFP backend before 2.16.0 (``kfp_version``) leaves it out anyway: its proto
+    has no ``securityContext`` (docs/kfp-backend.md)."""
     run_as_group: int | None = RUN_AS_USER
+    gpu_type: str = DEFAULT_GPU_TYPE
+    """Default of the ``gpu_type`` parameter (compiled in where the backend cannot resolve it)."""
+    gpu_count: str = "1"
+    """Default of the ``gpu_count`` parameter, as text (likewise)."""
+    epoch_timeout: str = "15m"
+    """Time budget of one training epoch at `REFERENCE_IMAGE_SIZE` px; a stage may run
+    ``stage_setup_timeout + epochs x epoch_timeout x (size/224)²`` before it is stopped. The
+    default is ~6x what a T4 needs for EfficientNet-B6 (docs/performance.md), and far less than
+    the same epoch on CPUs takes (a task that lost its GPU is stopped)."""
+    stage_setup_timeout: str = "30m"
+    """Per stage, for pulling the image, loading the data and the checkpoints."""
+    task_timeout: str = "1h"
+    """Every other task (prepare, EDA, evaluate, predict, export, gate)."""
 
     def check(self) -> None:
         """Raise `ConfigError` for a setting Kubernetes or Argo would reject at run time."""
@@ -200,6 +253,10 @@ class ClusterOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not 0 < value < 2**31):
                 raise ConfigError(f"{name} {value!r} must be a non-root id (1 to 2147483647)")
+        check_gpu_type(self.gpu_type)
+        check_gpu_count(self.gpu_count)
+        for name in ("epoch_timeout", "stage_setup_timeout", "task_timeout"):
+            duration_seconds(getattr(self, name), name)
 
 
 def pipeline_name(config: RunConfig) -> str:
@@ -214,8 +271,23 @@ def stage_display_name(stage: StageConfig) -> str:
     return f"{title} — {stage.description}" if stage.description else title
 
 
+def stage_work(config: RunConfig, stage: StageConfig) -> float:
+    """A stage's work in epochs at `REFERENCE_IMAGE_SIZE` px: ``epochs x (size/224)²``."""
+    size = stage.image_size or config.input.image_size
+    return stage.epochs * (size / REFERENCE_IMAGE_SIZE) ** 2
+
+
+def stage_timeout_seconds(config: RunConfig, stage: StageConfig, options: ClusterOptions) -> int:
+    """The timeout of a stage's task: setup + its `stage_work` x the epoch budget (capped at
+    `MAX_TIMEOUT_SECONDS`)."""
+    epoch = duration_seconds(options.epoch_timeout, "epoch_timeout")
+    setup = duration_seconds(options.stage_setup_timeout, "stage_setup_timeout")
+    return min(MAX_TIMEOUT_SECONDS, setup + math.ceil(stage_work(config, stage) * epoch))
+
+
 def _common(task: PipelineTask, options: ClusterOptions, resources: Resources) -> PipelineTask:
-    """Resources, retries and the GCS credentials, for every task."""
+    """Resources, retries, the short timeout and the GCS credentials, for every task (a stage's
+    timeout is set again from its epochs)."""
     task.set_cpu_request(resources.cpu_request).set_cpu_limit(resources.cpu_limit)
     task.set_memory_request(resources.memory_request).set_memory_limit(resources.memory_limit)
     task.set_retry(
@@ -229,6 +301,7 @@ def _common(task: PipelineTask, options: ClusterOptions, resources: Resources) -
     )
     task.set_env_variable(GCS_KEY_FILE_ENV, f"{options.gcs_key_dir}/key.json")
     task.set_env_variable("PYTHONUNBUFFERED", "1")
+    kubernetes.set_timeout(task, duration_seconds(options.task_timeout, "task_timeout"))
     if options.run_as_user is not None:
         kubernetes.set_security_context(
             task,
@@ -258,9 +331,10 @@ def build_pipeline(
     image: str = TRAINER_IMAGE,
     cache_data: bool = True,
     options: ClusterOptions | None = None,
+    kfp_version: str = kfp_versions.DEFAULT_VERSION,
 ) -> dsl.graph_component.GraphComponent:
     """The ``@dsl.pipeline`` of the recipe ``config`` (a `RunConfig` or a YAML path) on the
-    trainer ``image``.
+    trainer ``image``, for the KFP backend ``kfp_version``.
 
     ``cache_data=False`` turns caching off for the prepare task, for scheduled retraining on
     the latest data; the stages, EDA, evaluate, predict and export stay cached (same inputs,
@@ -270,26 +344,25 @@ def build_pipeline(
         config = load_config(config)
     options = options or ClusterOptions()
     options.check()
+    target = kfp_versions.backend(kfp_version)
+    tasks: list[PipelineTask] = []
+    lost: dict[str, int] = {}  # what the backend cannot read: left out, counted per task
     ops = trainer_components(image)
     recipe = dump_config(config)
     stages = list(config.stages)
     stage_names = [stage.name for stage in stages]
     summary = ", ".join(f"{s.name} ({s.description})" if s.description else s.name for s in stages)
 
-    @dsl.pipeline(
-        name=pipeline_name(config),
-        description=f"Staged fine-tuning of {config.model.backbone} ({config.name}): {summary}.",
-    )
     def car_classifier(
         data_source: str = "",
         overrides: list = [],  # noqa: B006 - kfp reads the parameter's default from here
         backbone: str = "",
         image_size: int = 0,
-        gpu_type: str = DEFAULT_GPU_TYPE,
-        gpu_count: int = 1,
         checkpoint_root: str = "",
         champion_pointer: str = "",
         min_improvement: float = 0.0,
+        gpu_type: str = options.gpu_type,
+        gpu_count: str = options.gpu_count,
     ) -> None:
         """Train the recipe stage by stage, evaluate, predict, export and gate.
 
@@ -299,7 +372,7 @@ def build_pipeline(
             backbone: Backbone name ("" keeps the recipe's).
             image_size: Base input size in px, a multiple of 32 (0 keeps the recipe's; stages with their own size keep it).
             gpu_type: Accelerator type: nvidia.com/gpu on Kubeflow, e.g. NVIDIA_TESLA_T4 on Vertex AI.
-            gpu_count: GPUs per model task (stages, evaluate, predict, gate).
+            gpu_count: GPUs per model task (stages, evaluate, predict, gate), as text ("1").
             checkpoint_root: gs://bucket/prefix for checkpoints and run outputs ("" = the recipe's output_dir, local to each pod).
             champion_pointer: gs:// JSON object naming the champion export ("" = <checkpoint_root>/champion.json).
             min_improvement: Accuracy margin by which the challenger must beat the champion.
@@ -312,6 +385,7 @@ def build_pipeline(
             image_size=image_size,
             stage_names=stage_names,
         ).set_display_name("Prepare data")
+        tasks.append(prepare)
         _common(prepare, options, options.cpu_resources).set_caching_options(cache_data)
         kubernetes.use_secret_as_env(
             prepare,
@@ -324,6 +398,7 @@ def build_pipeline(
 
         eda = ops.validate_and_eda(dataset=dataset).set_display_name("Validate + EDA")
         _common(eda, options, options.cpu_resources).set_caching_options(True)
+        tasks.append(eda)
 
         previous: PipelineTask | None = None
         for stage in stages:
@@ -336,6 +411,8 @@ def build_pipeline(
                 **init,
             ).set_display_name(stage_display_name(stage))
             _on_gpu(task, options, gpu_type, gpu_count).set_caching_options(True)
+            kubernetes.set_timeout(task, stage_timeout_seconds(config, stage, options))
+            tasks.append(task)
             if previous is None:
                 task.after(eda)  # no GPU time before the data passed validation and EDA
             previous = task
@@ -345,12 +422,14 @@ def build_pipeline(
         evaluate = ops.evaluate_model(dataset=dataset, model=final)
         evaluate.set_display_name("Evaluate (TTA)")
         _on_gpu(evaluate, options, gpu_type, gpu_count).set_caching_options(True)
+        tasks.append(evaluate)
 
         predict = ops.predict_submission(
             dataset=dataset, model=final, checkpoint_root=checkpoint_root, run_key=run_key
         ).set_display_name("Predict submission")
         _on_gpu(predict, options, gpu_type, gpu_count).set_caching_options(True)
         predict.after(evaluate)
+        tasks.append(predict)
 
         export = ops.export_model(
             dataset=dataset,
@@ -360,6 +439,7 @@ def build_pipeline(
             run_key=run_key,
         ).set_display_name("Export model")
         _common(export, options, options.cpu_resources).set_caching_options(True)
+        tasks.append(export)
 
         gate = ops.champion_gate(
             dataset=dataset,
@@ -369,8 +449,38 @@ def build_pipeline(
             checkpoint_root=checkpoint_root,
         ).set_display_name("Champion/challenger gate")
         _on_gpu(gate, options, gpu_type, gpu_count).set_caching_options(False)
+        tasks.append(gate)
+        for each in tasks:  # kfp builds the platform spec right after this function returns
+            fitted, dropped = kfp_versions.fit_kubernetes_config(
+                each.platform_config.get("kubernetes", {}), kfp_version
+            )
+            each.platform_config["kubernetes"] = fitted
+            for item in dropped:
+                lost[item] = lost.get(item, 0) + 1
 
-    return car_classifier
+    if not target.resource_placeholders:
+        # kfp calls the pipeline function with one channel per parameter of its signature,
+        # positionally: without the last two, gpu_type and gpu_count keep their defaults and are
+        # compiled in as constants (the old numeric fields this backend's driver reads).
+        signature = inspect.signature(car_classifier)
+        car_classifier.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=list(signature.parameters.values())[:-2]
+        )
+    description = f"Staged fine-tuning of {config.model.backbone} ({config.name}): {summary}."
+    pipeline = dsl.pipeline(
+        name=pipeline_name(config), description=kfp_versions.stamp(description, kfp_version)
+    )(car_classifier)
+    if not target.resource_placeholders:
+        fixed = f"{options.gpu_count} x {options.gpu_type}"
+        lost[f"the gpu_type/gpu_count parameters (compiled in: {fixed})"] = 1
+    if lost:
+        log.warning(
+            "KFP %s cannot read all that kfp %s writes; left out: %s",
+            kfp_version,
+            kfp.__version__,
+            "; ".join(f"{item} ({n} tasks)" if n > 1 else item for item, n in lost.items()),
+        )
+    return pipeline
 
 
 def compile_pipeline(
@@ -379,21 +489,28 @@ def compile_pipeline(
     image: str = TRAINER_IMAGE,
     cache_data: bool = True,
     options: ClusterOptions | None = None,
+    kfp_version: str = kfp_versions.DEFAULT_VERSION,
 ) -> Path:
-    """Compile the recipe at ``config_path`` to kfp IR YAML at ``out_path`` (same inputs, same
-    bytes). Returns ``out_path``."""
+    """Compile the recipe at ``config_path`` to kfp IR YAML at ``out_path`` for the KFP backend
+    ``kfp_version`` (same inputs, same bytes), then check the result with
+    `kfp_versions.check_package` (`ConfigError` on a problem). Returns ``out_path``."""
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pipeline = build_pipeline(config_path, image, cache_data, options)
+    pipeline = build_pipeline(config_path, image, cache_data, options, kfp_version)
     compiler.Compiler().compile(pipeline, package_path=str(out))
+    spec, platform = yaml.safe_load_all(out.read_text())
+    problems = kfp_versions.check_package(spec, kfp_version, platform)
+    if problems:
+        raise ConfigError(f"{out} would not run on KFP {kfp_version}: {problems[0]}")
     return out
 
 
 PARAMETERS = (
-    "data_source", "overrides", "backbone", "image_size", "gpu_type", "gpu_count",
-    "checkpoint_root", "champion_pointer", "min_improvement",
+    "data_source", "overrides", "backbone", "image_size", "checkpoint_root", "champion_pointer",
+    "min_improvement", "gpu_type", "gpu_count",
 )  # fmt: skip
-"""The pipeline's run-time parameters (the arguments of the ``car_classifier`` function)."""
+"""The pipeline's run-time parameters (the arguments of the ``car_classifier`` function; the
+last two only where the backend resolves resource placeholders, from KFP 2.4.0 on)."""
 
 
 def _uri(value: object, name: str, object_required: bool, on_cluster: bool) -> str:
@@ -477,6 +594,14 @@ def check_arguments(
                 f"the overrides make the stages {names}, but this pipeline was compiled for "
                 f"{list(stage_names)}; compile it from the changed recipe"
             )
+        compiled = resolve_config(recipe)
+        for stage, before in zip(config.stages, compiled.stages, strict=False):
+            if stage_work(config, stage) > stage_work(compiled, before) + 1e-9:
+                raise ConfigError(
+                    f"{stage.name}: the overrides make it {stage.epochs} epochs at "
+                    f"{stage.image_size or config.input.image_size} px, more work than its task "
+                    "timeout was compiled for; compile the pipeline from the changed recipe"
+                )
     return args
 
 

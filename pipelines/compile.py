@@ -1,18 +1,23 @@
 """Compile the pipeline of a recipe to kfp IR YAML.
 
     python -m pipelines.compile --config configs/recipe_b6.yaml \
-        --out pipelines/compiled/car_classifier.yaml [--image REGISTRY/trainer:TAG]
+        --out pipelines/compiled/car_classifier.yaml [--image REGISTRY/trainer:TAG] \
+        [--kfp-version 2.5.0]
 
 The same recipe and options always give the same bytes (the IR holds no timestamps), so the
-compiled file can be committed and diffed.
+compiled file can be committed and diffed. ``--kfp-version`` is the KFP backend (API server)
+the package will run on: what it cannot read is left out, with one warning line saying what
+(docs/kfp-backend.md).
 """
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 from carclassifier.errors import CarClassifierError
 from components import IMAGE_ENV, TRAINER_IMAGE
+from pipelines import kfp_versions
 from pipelines.car_classifier import ClusterOptions, compile_pipeline
 
 DEFAULT_OUT = Path("pipelines/compiled/car_classifier.yaml")
@@ -48,15 +53,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         + ", ".join(f"{k}={v}" for k, v in ClusterOptions().gpu_node_selector.items())
         + ")",
     )
+    defaults = ClusterOptions()
+    parser.add_argument(
+        "--kfp-version",
+        choices=kfp_versions.SUPPORTED_VERSIONS,
+        default=kfp_versions.DEFAULT_VERSION,
+        metavar="VERSION",
+        help="KFP backend release the package is for (default %(default)s; one of "
+        + ", ".join(kfp_versions.SUPPORTED_VERSIONS)
+        + ")",
+    )
+    parser.add_argument(
+        "--gpu-type",
+        default=defaults.gpu_type,
+        help="default of the gpu_type parameter (compiled in before KFP 2.4.0; %(default)s)",
+    )
+    parser.add_argument(
+        "--gpu-count",
+        default=defaults.gpu_count,
+        help="default of the gpu_count parameter (compiled in before KFP 2.4.0; %(default)s)",
+    )
+    parser.add_argument(
+        "--epoch-timeout",
+        default=defaults.epoch_timeout,
+        help="time budget per training epoch at 224 px, scaled by (size/224)^2 (%(default)s)",
+    )
+    parser.add_argument(
+        "--task-timeout",
+        default=defaults.task_timeout,
+        help="timeout of every task but the stages (%(default)s)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Compile as ``args`` say; print the output path."""
-    options = ClusterOptions()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    settings = {
+        "gpu_type": args.gpu_type,
+        "gpu_count": args.gpu_count,
+        "epoch_timeout": args.epoch_timeout,
+        "task_timeout": args.task_timeout,
+    }
     if args.gpu_node_label:
-        options = ClusterOptions(gpu_node_selector=dict(args.gpu_node_label))
+        settings["gpu_node_selector"] = dict(args.gpu_node_label)
     try:
-        out = compile_pipeline(args.config, args.out, args.image, not args.no_cache_data, options)
+        out = compile_pipeline(
+            args.config,
+            args.out,
+            args.image,
+            not args.no_cache_data,
+            ClusterOptions(**settings),
+            args.kfp_version,
+        )
     except CarClassifierError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

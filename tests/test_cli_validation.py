@@ -226,20 +226,23 @@ def compiled(tmp_path_factory) -> Path:
 
 
 GOOD_ARGUMENTS = [
-    {"gpu_type": "nvidia.com/gpu", "gpu_count": 1},
-    {"gpu_type": "NVIDIA_L4", "gpu_count": 0},
-    {"gpu_type": "nvidia.com/mig-1g.5gb", "gpu_count": 16},
+    {"gpu_type": "nvidia.com/gpu", "gpu_count": "1"},
+    {"gpu_type": "NVIDIA_L4", "gpu_count": "0"},
+    {"gpu_type": "nvidia.com/mig-1g.5gb", "gpu_count": "16"},
     {"checkpoint_root": "gs://my-bucket/carclassifier", "champion_pointer": ""},
     {"champion_pointer": "gs://my-bucket/carclassifier/champion.json", "min_improvement": 0.01},
     {"image_size": 0, "data_source": "kaggle"},
-    {"image_size": 256, "data_source": "gs://my-bucket/data/cars", "backbone": "efficientnet_b0"},
-    {"overrides": ["stages.stage_2.epochs=3", "input.batch_size=8"]},
+    {"image_size": 192, "data_source": "gs://my-bucket/data/cars", "backbone": "efficientnet_b0"},
+    {"overrides": ["stages.stage_2.epochs=1", "input.batch_size=8"]},
 ]
 BAD_ARGUMENTS = [
-    ({"gpu_count": -1}, "gpu_count -1 must be a whole number from 0 to 16"),
-    ({"gpu_count": 1.5}, "gpu_count 1.5"),
+    ({"gpu_count": "-1"}, "gpu_count '-1' must be a whole number from 0 to 16"),
+    ({"gpu_count": "1.5"}, "gpu_count '1.5'"),
     ({"gpu_count": True}, "gpu_count True"),
-    ({"gpu_count": 17}, "gpu_count 17"),
+    ({"gpu_count": "17"}, "gpu_count '17'"),
+    ({"gpu_count": 1}, "gpu_count 1 is a number, but the KFP driver reads GPU counts only as"),
+    ({"image_size": 256}, "more work than its task timeout was compiled for"),
+    ({"overrides": ["stages.stage_1.epochs=50"]}, "stage_1: the overrides make it 50 epochs"),
     ({"gpu_type": "gpu"}, "not an accelerator type"),
     ({"gpu_type": "kubernetes.io/gpu"}, "not an accelerator type"),
     ({"gpu_type": "nvidia.com/"}, "not an accelerator type"),
@@ -300,7 +303,8 @@ def test_submit_checks_parameters_before_any_network_call(compiled, capsys):
 
     package = submit.load_package(compiled)
     assert package.recipe is not None and package.stage_names == tuple(_recipe()[1])
-    assert package.defaults["gpu_count"] == 1 and package.defaults["gpu_type"] == "nvidia.com/gpu"
+    assert package.defaults["gpu_count"] == "1"
+    assert package.defaults["gpu_type"] == "nvidia.com/gpu"
     good = submit.resolve_params(
         submit.parse_params(["gpu_count=2", "checkpoint_root=gs://my-bucket/c"]), package
     )
@@ -308,7 +312,7 @@ def test_submit_checks_parameters_before_any_network_call(compiled, capsys):
     # Port 9 (discard) on localhost: had validation not stopped it, this would be a network error.
     argv = ["submit", "--host", "http://127.0.0.1:9", "--package", str(compiled)]
     for param, expected in [
-        ("gpu_count=-1", "bad pipeline parameter: gpu_count -1"),
+        ("gpu_count=-1", "bad pipeline parameter: gpu_count '-1'"),
         ("gpu_type=gpu", "bad pipeline parameter: gpu_type 'gpu'"),
         ("checkpoint_root=gs://b/x", "bad pipeline parameter: checkpoint_root"),
         ("overrides=[input.batch_size=0]", "input.batch_size"),

@@ -235,7 +235,7 @@ def test_images_parameters_and_no_runtime_installs(b6):
         "backbone": "",
         "image_size": 0,
         "gpu_type": "nvidia.com/gpu",
-        "gpu_count": 1,
+        "gpu_count": "1",
         "checkpoint_root": "",
         "champion_pointer": "",
         "min_improvement": 0.0,

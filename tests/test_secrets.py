@@ -145,7 +145,7 @@ def test_no_secret_in_logs_outputs_or_compiled_pipeline(
 
     out, err = capsys.readouterr()
     logs = "\n".join(f"{r.name} {r.getMessage()}" for r in caplog.records)
-    assert "EDA report" in out and "gpu_count -1" in err and "127.0.0.1:9" in err  # it all ran
+    assert "EDA report" in out and "gpu_count '-1'" in err and "127.0.0.1:9" in err  # it all ran
     for where, text in (("stdout", out), ("stderr", err), ("log records", logs)):
         assert_no_secret_in(text.encode(), where, fake_secrets)
     written = assert_no_secret_under(run, fake_secrets)
