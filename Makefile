@@ -7,7 +7,7 @@ RUN_DIR ?= runs/local
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c requirements/lock.txt
 
 # Kubeflow: the trainer image, the recipe the pipeline is built from, the cluster
-# (python -m pipelines.submit reads KFP_HOST, KFP_NAMESPACE, EXPERIMENT, PIPELINE_ROOT, KFP_TOKEN,
+# (python -m pipelines submit reads KFP_HOST, KFP_NAMESPACE, EXPERIMENT, PIPELINE_ROOT, KFP_TOKEN,
 # KFP_COOKIES from the environment; keep tokens out of this file: KFP_TOKEN=... make submit-pipeline)
 IMAGE ?= ghcr.io/carclassifier/trainer:0.1.0
 DOCKER ?= docker

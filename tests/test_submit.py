@@ -1,8 +1,9 @@
-"""pipelines/submit.py against a local fake of the KFP v2beta1 REST API (tests/kfp_fake_server.py).
+"""``python -m pipelines submit|schedule|unschedule|resume`` against a local fake of the KFP
+v2beta1 REST API (tests/kfp_fake_server.py, which says what of it follows the real server).
 
-No cluster: a stdlib HTTP server on 127.0.0.1 speaks the calls kfp.Client makes and records
-them, and the tests assert on what was sent (multipart package bytes, run and recurring-run
-bodies, query filters, auth headers) and on the one-line errors and exit status 2.
+No cluster: a stdlib HTTP server on 127.0.0.1 answers the calls an unmodified kfp.Client makes
+and records them, and the tests assert on what was sent (multipart package bytes, run and
+recurring-run bodies, query filters, auth headers) and on the one-line errors and exit status 2.
 """
 
 # No `from __future__ import annotations` here: kfp reads the component's annotations as types.
@@ -23,7 +24,10 @@ if str(REPO) not in sys.path:  # `pipelines` is a top-level folder of the repo, 
 
 from kfp_fake_server import FakeKfpServer, Recorded  # noqa: E402
 
-from pipelines import submit  # noqa: E402
+from pipelines import __main__ as cli  # noqa: E402
+from pipelines import cron as cron_module  # noqa: E402
+from pipelines import kfp_api  # noqa: E402
+from pipelines import package as pkg  # noqa: E402
 
 
 @dsl.component(base_image="python:3.11-slim")
@@ -62,7 +66,7 @@ def server() -> Iterator[FakeKfpServer]:
 
 
 def run_cli(*argv: str, environ: dict[str, str] | None = None) -> int:
-    return submit.main(list(argv), environ=environ or {})
+    return cli.main(list(argv), environ=environ or {})
 
 
 def submit_args(server: FakeKfpServer, package: Path, *extra: str) -> list[str]:
@@ -107,8 +111,8 @@ def test_submit_uploads_package_and_starts_run(
     pipeline_id = next(iter(server.pipelines))
 
     (upload_version,) = posts(server, "/pipelines/upload_version")
-    loaded = submit.load_package(package)
-    assert upload_version.q("name") == submit.default_version_name("car-classifier", loaded)
+    loaded = pkg.load_package(package)
+    assert upload_version.q("name") == pkg.default_version_name("car-classifier", loaded)
     assert upload_version.q("name") == f"car-classifier-{loaded.sha256[:12]}"
     assert upload_version.q("pipelineid") == pipeline_id
     assert upload_version.fields["uploadfile"] == data
@@ -190,14 +194,14 @@ def test_concurrent_upload_conflict_reuses_the_version(
     server: FakeKfpServer, package: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert run_cli(*submit_args(server, package, "--param", "epochs=1")) == 0
-    real_find = submit.find_version
+    real_find = kfp_api.find_version
     lookups: list[str] = []
 
-    def racing_find(conn: submit.KfpConnection, pipeline_id: str, name: str) -> object:
+    def racing_find(conn: kfp_api.KfpConnection, pipeline_id: str, name: str) -> object:
         lookups.append(name)  # first lookup misses, as if another submit raced us
         return None if len(lookups) == 1 else real_find(conn, pipeline_id, name)
 
-    monkeypatch.setattr(submit, "find_version", racing_find)
+    monkeypatch.setattr(kfp_api, "find_version", racing_find)
     assert run_cli(*submit_args(server, package, "--param", "epochs=1")) == 0
     assert len(lookups) == 2
     assert len(posts(server, "/pipelines/upload_version")) == 2  # the second one got a 409
@@ -283,12 +287,12 @@ def test_multi_user_needs_a_namespace_and_sends_it(
 
 
 def test_resolve_params_types(package: Path) -> None:
-    loaded = submit.load_package(package)
-    raw = submit.parse_params(["epochs=10", "lr=3", "tag=yes", "flag=off", "classes=[1, b]"])
-    params = submit.resolve_params(raw, loaded)
+    loaded = pkg.load_package(package)
+    raw = pkg.parse_params(["epochs=10", "lr=3", "tag=yes", "flag=off", "classes=[1, b]"])
+    params = pkg.resolve_params(raw, loaded)
     assert params == {"epochs": 10, "lr": 3.0, "tag": "yes", "flag": False, "classes": [1, "b"]}
     # without a package (library use) values are plain YAML scalars
-    assert submit.resolve_params({"a": "1", "b": "0.5", "c": "text", "d": ""}, None) == {
+    assert pkg.resolve_params({"a": "1", "b": "0.5", "c": "text", "d": ""}, None) == {
         "a": 1,
         "b": 0.5,
         "c": "text",
@@ -349,9 +353,9 @@ def test_no_host_outside_a_cluster(package: Path, capsys: pytest.CaptureFixture[
     (line,) = error_lines(capsys.readouterr().err)
     assert "KFP_HOST" in line
     pod = {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}
-    assert submit.resolve_host(None, pod) == submit.IN_CLUSTER_HOST
-    with pytest.raises(submit.SubmitError, match="bad host"):
-        submit.resolve_host("localhost:8080", {})
+    assert kfp_api.resolve_host(None, pod) == kfp_api.IN_CLUSTER_HOST
+    with pytest.raises(pkg.SubmitError, match="bad host"):
+        kfp_api.resolve_host("localhost:8080", {})
 
 
 @pytest.mark.parametrize(
@@ -369,7 +373,9 @@ def test_no_host_outside_a_cluster(package: Path, capsys: pytest.CaptureFixture[
     ],
 )
 def test_cron_to_kfp(cron: str, kfp_cron: str) -> None:
-    assert submit.to_kfp_cron(cron) == kfp_cron
+    """robfig/cron v1.2.0's Parse (the KFP API server's check: backend/src/apiserver/server/
+    api_converter.go, toModelJob, tag 2.17.0) wants six fields, seconds first."""
+    assert cron_module.to_kfp_cron(cron) == kfp_cron
 
 
 @pytest.mark.parametrize(
@@ -378,19 +384,18 @@ def test_cron_to_kfp(cron: str, kfp_cron: str) -> None:
         ("", "empty cron"),
         ("0 3 * *", "4 fields"),
         ("0 0 0 3 * * 0", "7 fields"),
-        ("0 3 * * 7", "day-of-week 7 is out of range 0-6"),
-        ("0 24 * * *", "hour 24 is out of range 0-23"),
-        ("0 3 0 * *", "day-of-month 0 is out of range 1-31"),
-        ("0 3 * 13 *", "month 13 is out of range 1-12"),
-        ("0 3 * * L", "day-of-week 'L' is not a number or a name"),
-        ("*/0 * * * *", "step '0' must be a positive number"),
-        ("0 5-2 * * *", "runs backwards"),
-        ("@sometimes", "unknown descriptor"),
+        ("0 24 * * *", "out of range"),
+        ("0 3 0 * *", "out of range"),
+        ("0 3 * 13 *", "out of range"),
+        ("0 3 * * L", "not acceptable"),
+        ("*/0 * * * *", "step '0'"),
+        ("@sometimes", "invalid cron expression '@sometimes'"),
     ],
 )
 def test_bad_cron(cron: str, expected: str) -> None:
-    with pytest.raises(submit.CronError, match=expected.replace("(", r"\(")):
-        submit.to_kfp_cron(cron)
+    with pytest.raises(pkg.SubmitError, match=expected) as caught:
+        cron_module.to_kfp_cron(cron)
+    assert '"0 3 * * 0"' in str(caught.value)  # the hint
 
 
 # --------------------------------------------------------------------------- (un)schedule
@@ -450,9 +455,9 @@ def test_schedule_rejects_bad_cron_before_any_request(
     server: FakeKfpServer, package: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = ["schedule", "--host", server.url, "--package", str(package), "--param", "epochs=1"]
-    assert run_cli(*args, "--cron", "0 3 * * 7") == 2
+    assert run_cli(*args, "--cron", "0 24 * * *") == 2
     (line,) = error_lines(capsys.readouterr().err)
-    assert "day-of-week 7" in line and '"0 3 * * 0"' in line
+    assert "'0 24 * * *'" in line and '"0 3 * * 0"' in line
     assert run_cli(*args) == 2  # no --cron, no CRON
     assert "--cron" in error_lines(capsys.readouterr().err)[0]
     assert server.requests == []
@@ -489,7 +494,7 @@ def _run_module(*argv: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess
     env.pop("KUBERNETES_SERVICE_HOST", None)
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.submit", *argv],
+        [sys.executable, "-m", "pipelines", *argv],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -561,7 +566,7 @@ def test_tls_failure_is_described() -> None:
         except kfp_server_api.ApiException as exc:
             exc.body.decode("utf-8")  # what kfp_server_api.ApiClient does with a TLS error
     except AttributeError as chained:
-        message = submit.describe_error(chained, "https://kf.example")
+        message = kfp_api.describe_error(chained, "https://kf.example")
     assert message is not None
     assert "certificate verify failed" in message and "--ssl-ca-cert" in message
 
