@@ -591,3 +591,152 @@ def test_silent_server_times_out(package: Path, capsys: pytest.CaptureFixture[st
     assert seconds < 5
     (line,) = error_lines(capsys.readouterr().err)
     assert "did not answer in time" in line and "--timeout" in line
+
+
+# ------------------------------------------------------------------ identity (defect 4)
+
+
+def test_runs_and_schedules_name_the_pipeline_service_account(
+    server: FakeKfpServer, package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without a service account the API server runs the pods as its
+    DEFAULTPIPELINERUNNERSERVICEACCOUNT (kubeflow/pipelines backend/src/apiserver/template/
+    template.go, setDefaultServiceAccount, tag 2.17.0): ``pipeline-runner`` standalone,
+    ``default-editor`` multi-user (manifests/kustomize/base/installs/multi-user/api-service/
+    params.env, tag 2.4.0), which no Workload Identity binding of ours covers. So submit and
+    schedule send manifests/serviceaccounts.yaml's account unless told another."""
+    assert run_cli(*submit_args(server, package, "--param", "epochs=1")) == 0
+    assert "pods run in namespace kubeflow as service account carclassifier-pipeline" in (
+        capsys.readouterr().err
+    )
+    environ = {"KFP_SERVICE_ACCOUNT": "team-sa"}
+    assert run_cli(*submit_args(server, package, "--param", "epochs=1"), environ=environ) == 0
+    schedule = ["schedule", "--host", server.url, "--package", str(package), "--cron", "0 3 * * 0"]
+    assert run_cli(*schedule, "--param", "epochs=1", "--service-account", "other-sa") == 0
+    runs = [r.json["service_account"] for r in posts(server, "/runs")]
+    assert runs == ["carclassifier-pipeline", "team-sa"]
+    assert posts(server, "/recurringruns")[0].json["service_account"] == "other-sa"
+
+
+def test_multi_user_pods_run_in_the_profile_namespace(
+    package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A multi-user run goes to its experiment's namespace, the profile (kubeflow/pipelines
+    backend/src/apiserver/resource/resource_manager.go, CreateRun, tag 2.17.0)."""
+    with FakeKfpServer(multi_user=True) as server:
+        args = submit_args(server, package, "--param", "epochs=1", "--namespace", "team-a")
+        assert run_cli(*args) == 0
+    err = capsys.readouterr().err
+    assert "multi-user (profile namespace) Kubeflow Pipelines: pods run in namespace team-a" in err
+
+
+# ------------------------------------------------------------------ resume (defect 5)
+
+
+def test_resume_starts_the_identical_run_again(
+    server: FakeKfpServer, package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Argo's default retry policy (retryStrategy without retryPolicy, as KFP's argocompiler
+    writes it) is OnFailure: a pod that is deleted or loses its node ends as an Error node and
+    is not retried (argoproj/argo-workflows workflow/controller/operator.go, processNodeRetries
+    and "pod deleted"; pkg/apis/workflow/v1alpha1/workflow_types.go, RetryPolicyActual; tag
+    v4.0.5, the controller KFP 2.17.0 deploys). The run fails; resume starts it again with the
+    same pipeline version, parameters, root, account and experiment (read with GET /runs/{id},
+    backend/api/v2beta1/run.proto, tag 2.17.0), so finished tasks are cache hits."""
+    args = submit_args(server, package, "--pipeline-root", "gs://b/root", "--param", "epochs=4")
+    assert run_cli(*args, "--param", "tag=x7", "--service-account", "sa-1") == 0
+    (old_id,) = server.runs
+    capsys.readouterr()
+
+    assert run_cli("resume", "--host", server.url, "--run-id", old_id) == 2
+    assert "is PENDING: only a FAILED or CANCELED run" in capsys.readouterr().err
+
+    server.runs[old_id]["state"] = "FAILED"
+    assert run_cli("resume", "--host", server.url, environ={"RUN_ID": old_id}) == 0
+    assert f"run {old_id} (FAILED) resumed" in capsys.readouterr().err
+    first, again = (r.json for r in posts(server, "/runs"))
+    for key in ("experiment_id", "pipeline_version_reference", "runtime_config", "service_account"):
+        assert again[key] == first[key], key
+    assert again["runtime_config"] == {
+        "parameters": {"epochs": 4, "tag": "x7"},
+        "pipeline_root": "gs://b/root",
+    }
+    assert again["display_name"].startswith(first["display_name"] + "-resume-")
+    assert len(posts(server, "/pipelines/upload_version")) == 1  # nothing uploaded again
+
+    assert run_cli("resume", "--host", server.url) == 2
+    assert "--run-id" in error_lines(capsys.readouterr().err)[0]
+
+
+# ------------------------------------------------------- defaults on a cluster (defect 3)
+
+GOOD_IMAGE = "registry.example.com/carclassifier/trainer:1.0"
+
+
+@pytest.fixture(scope="module")
+def car_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real car-classifier pipeline (recipe_b6), compiled on a pushed-looking image."""
+    from pipelines.car_classifier import compile_pipeline
+
+    out = tmp_path_factory.mktemp("car") / "car_classifier.yaml"
+    return compile_pipeline(REPO / "configs/recipe_b6.yaml", out, GOOD_IMAGE)
+
+
+def test_placeholder_image_is_refused(
+    server: FakeKfpServer, car_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The executors' images (deploymentSpec.executors.*.container.image) are what the pods
+    pull; components/_base.py's DEFAULT_IMAGE is a placeholder no registry has."""
+    from components import DEFAULT_IMAGE
+
+    placeholder = tmp_path / "placeholder.yaml"
+    placeholder.write_text(car_package.read_text().replace(GOOD_IMAGE, DEFAULT_IMAGE))
+    args = ["--pipeline-root", "gs://my-bucket/kfp", "--param", "data_source=gs://my-bucket/cars"]
+    assert run_cli(*submit_args(server, placeholder, *args)) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert DEFAULT_IMAGE in line and "make push-image" in line
+    assert server.requests == []
+
+
+def test_empty_data_source_is_refused_unless_the_recipe_has_a_gs_root(
+    server: FakeKfpServer, car_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """data_source="" means the recipe's data.root (recipe_b6: a relative folder no image has:
+    prepare would fail on every retry)."""
+    root = ["--pipeline-root", "gs://my-bucket/kfp"]
+    assert run_cli(*submit_args(server, car_package, *root)) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "data_source is empty" in line and "data/sf-dl-car-classification" in line
+    assert "data_source=gs://" in line
+    assert server.requests == []
+    in_recipe = ["--param", "overrides=[data.root=gs://my-bucket/cars]"]
+    assert run_cli(*submit_args(server, car_package, *root, *in_recipe)) == 0
+
+
+def test_checkpoint_root_defaults_under_the_pipeline_root(
+    server: FakeKfpServer, car_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """checkpoint_root="" would keep checkpoints inside each pod (no resume; the gate cannot
+    read another pod's export): derived as <pipeline root>/checkpoints, else refused."""
+    data = ["--param", "data_source=gs://my-bucket/cars"]
+    assert run_cli(*submit_args(server, car_package, *data)) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "checkpoint_root is empty" in line and "--pipeline-root" in line
+    assert (
+        run_cli(*submit_args(server, car_package, *data, "--pipeline-root", "gs://my-bucket/kfp/"))
+        == 0
+    )
+    (run,) = posts(server, "/runs")
+    assert run.json["runtime_config"]["parameters"] == {
+        "data_source": "gs://my-bucket/cars",
+        "checkpoint_root": "gs://my-bucket/kfp/checkpoints",
+    }
+    given = [
+        "--param",
+        "checkpoint_root=gs://other-bucket/ckpt",
+        "--pipeline-root",
+        "gs://my-bucket/kfp",
+    ]
+    assert run_cli(*submit_args(server, car_package, *data, *given)) == 0
+    params = posts(server, "/runs")[1].json["runtime_config"]["parameters"]
+    assert params["checkpoint_root"] == "gs://other-bucket/ckpt"
