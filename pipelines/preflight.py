@@ -113,8 +113,10 @@ def image_exists(image: str, timeout: float = 10.0) -> tuple[bool, str]:
 def _try(check: Callable[[], Check | list[Check]], what: str) -> list[Check]:
     try:
         result = check()
+    except SubmitError as exc:
+        return [Check(False, str(exc))]
     except Exception as exc:  # one ✘ line per failed check, whatever failed
-        return [Check(False, f"{what}: {describe_error(exc, None) or one_line(exc)}")]
+        return [Check(False, f"{what}: {one_line(exc, 240)}")]
     return result if isinstance(result, list) else [result]
 
 
@@ -208,19 +210,14 @@ def check_writable(uri: str, what: str) -> Check:
 
     if not uri.startswith("gs://"):
         return Check(False, f"{what} {uri!r} is not a gs:// URI")
-    probe = storage.join(uri, f".preflight-{uuid.uuid4().hex}")
-    storage.write_text(probe, "carclassifier preflight\n")
-    storage.delete_tree(probe)
+    folder = storage.join(uri, f".preflight-{uuid.uuid4().hex}")
+    storage.write_text(storage.join(folder, "probe.txt"), "carclassifier preflight\n")
+    storage.delete_tree(folder)
     return Check(True, f"{what} {uri} is writable with the local credentials")
 
 
-def preflight(
-    args: argparse.Namespace,
-    environ: Mapping[str, str],
-    kube: Callable[[], Any] | None = None,
-) -> list[Check]:
-    """All checks (see the module docstring); ``kube()`` gives a kubernetes ApiClient (default:
-    the local kubeconfig, else the pod's in-cluster config)."""
+def preflight(args: argparse.Namespace, environ: Mapping[str, str]) -> list[Check]:
+    """All checks (see the module docstring), in the order a run meets them."""
     checks: list[Check] = []
     package = load_package(args.package)
     params: dict[str, Any] = {}
@@ -234,8 +231,11 @@ def preflight(
     conn: list[KfpConnection] = []
 
     def kfp() -> Check:
-        with kfp_session():
-            conn.append(connect(_connection(args), environ))
+        try:
+            with kfp_session():
+                conn.append(connect(_connection(args), environ))
+        except Exception as exc:
+            raise SubmitError(describe_error(exc, args.host) or one_line(exc)) from None
         c = conn[0]
         mode = f"multi-user, profile {c.namespace}" if c.multi_user else "standalone"
         return Check(True, f"Kubeflow Pipelines {c.version} at {c.host} ({mode})")
@@ -254,7 +254,7 @@ def preflight(
     def kubernetes_checks() -> list[Check]:
         from kubernetes import client
 
-        core = client.CoreV1Api(kube() if kube else _kube_client(args.kube_context))
+        core = client.CoreV1Api(_kube_client(args.kube_context, environ.get("KUBECONFIG")))
         found = check_identity(core, namespace, args.service_account)
         found += check_secrets(core, namespace, package, merged, wi=found[0].ok is True)
         return found + check_gpu_nodes(core, package, int(merged.get("gpu_count") or 1))
@@ -272,15 +272,15 @@ def preflight(
     return checks
 
 
-def _kube_client(context: str | None) -> Any:
-    from kubernetes import config
+def _kube_client(context: str | None, config_file: str | None) -> Any:
+    """A kubernetes ApiClient from the kubeconfig (``$KUBECONFIG`` or ~/.kube/config), else
+    the pod's in-cluster account."""
+    from kubernetes import client, config
 
     try:
-        return config.new_client_from_config(context=context)
+        return config.new_client_from_config(config_file=config_file, context=context)
     except config.ConfigException:
         config.load_incluster_config()
-        from kubernetes import client
-
         return client.ApiClient()
 
 
