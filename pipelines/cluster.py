@@ -13,7 +13,7 @@ run names ours (`DEFAULT_SERVICE_ACCOUNT`), which must exist in `run_namespace`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 DEFAULT_SERVICE_ACCOUNT = "carclassifier-pipeline"
@@ -38,34 +38,29 @@ def describe_placement(multi_user: bool, namespace: str, service_account: str) -
     )
 
 
+def _executors(platform: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The kfp-kubernetes settings of every executor in a PlatformSpec."""
+    kubernetes = (platform.get("platforms") or {}).get("kubernetes") or {}
+    return list(((kubernetes.get("deploymentSpec") or {}).get("executors") or {}).values())
+
+
 def secrets_of(platform: Mapping[str, Any]) -> dict[str, bool]:
     """Secret name → optional, for every secret the compiled tasks mount or read as env
     (kfp-kubernetes ``secretAsVolume`` / ``secretAsEnv`` in the PlatformSpec)."""
     found: dict[str, bool] = {}
-    executors = ((platform.get("platforms") or {}).get("kubernetes") or {}).get(
-        "deploymentSpec", {}
-    ).get("executors") or {}
-    for config in executors.values():
+    for config in _executors(platform):
         for entry in [*(config.get("secretAsVolume") or []), *(config.get("secretAsEnv") or [])]:
-            name = entry.get("secretName") or (
-                (entry.get("secretNameParameter") or {}).get("runtimeValue") or {}
-            ).get("constant")
+            param = (entry.get("secretNameParameter") or {}).get("runtimeValue") or {}
+            name = entry.get("secretName") or param.get("constant")
             if name:
                 found[name] = found.get(name, True) and bool(entry.get("optional"))
     return found
 
 
-def node_selectors_of(platform: Mapping[str, Any]) -> Iterator[dict[str, str]]:
+def node_selectors_of(platform: Mapping[str, Any]) -> list[dict[str, str]]:
     """The distinct node selectors of the compiled tasks (the GPU pool's labels)."""
-    seen = []
-    executors = ((platform.get("platforms") or {}).get("kubernetes") or {}).get(
-        "deploymentSpec", {}
-    ).get("executors") or {}
-    for config in executors.values():
-        labels = (config.get("nodeSelector") or {}).get("labels")
-        if labels and labels not in seen:
-            seen.append(labels)
-            yield dict(labels)
+    selectors = [(c.get("nodeSelector") or {}).get("labels") for c in _executors(platform)]
+    return [dict(s) for i, s in enumerate(selectors) if s and s not in selectors[:i]]
 
 
 def gpu_nodes(core: Any, labels: Mapping[str, str]) -> list[tuple[str, int]]:

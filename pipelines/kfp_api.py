@@ -97,7 +97,9 @@ def probe_healthz(
 
     pool = urllib3.PoolManager(ca_certs=ssl_ca_cert, timeout=urllib3.Timeout(timeout, timeout))
     once = urllib3.Retry(total=None, connect=0, read=0, redirect=5, status=0, other=0)
-    response = pool.request("GET", f"{host}/apis/v2beta1/healthz", headers=dict(headers), retries=once)
+    response = pool.request(
+        "GET", f"{host}/apis/v2beta1/healthz", headers=dict(headers), retries=once
+    )
     if response.status in (401, 403):
         reason = "rejected the credentials" if response.status == 401 else "denied access"
         detail = api_message(response.data)
@@ -133,7 +135,7 @@ def connect(options: ConnectionOptions, environ: Mapping[str, str]) -> KfpConnec
     multi_user = bool(health.get("multi_user"))
     namespace = None
     if multi_user:
-        namespace = options.namespace or _pod_namespace()
+        namespace = options.namespace
         if not namespace:
             raise SubmitError(
                 f"{host} is a multi-user Kubeflow: pass your profile namespace with "
@@ -153,16 +155,6 @@ def connect(options: ConnectionOptions, environ: Mapping[str, str]) -> KfpConnec
     )
     version = str(health.get("tag_name") or "unknown")
     return KfpConnection(client, host, ui_host, namespace, multi_user, version)
-
-
-def _pod_namespace() -> str | None:
-    """The namespace of the pod this runs in (what kfp.Client uses in multi-user mode)."""
-    import kfp
-
-    try:
-        return Path(kfp.Client._NAMESPACE_PATH).read_text().strip() or None
-    except OSError:
-        return None
 
 
 @contextlib.contextmanager
@@ -342,21 +334,10 @@ def describe_error(exc: BaseException, host: str | None) -> str | None:
     where = host or "the Kubeflow Pipelines API"
     if isinstance(exc, SubmitError):
         return str(exc)
-    if isinstance(exc, AttributeError) and isinstance(exc.__context__, kfp_server_api.ApiException):
-        exc = exc.__context__  # kfp_server_api fails decoding the None body of a TLS error
-    if isinstance(exc, kfp_server_api.ApiException):
-        message = api_message(exc.body)
-        if not exc.status:
-            reason = one_line(exc.reason, 160)
-            hint = (
-                " (pass the CA bundle with --ssl-ca-cert/KFP_SSL_CA_CERT)"
-                if "SSL" in reason
-                else ""
-            )
-            return f"request to {where} failed: {reason}{hint}"
-        if exc.status in (401, 403):
-            return f"{where} refused the request (HTTP {exc.status}: {message}): {AUTH_HINT}"
-        return f"{where} answered HTTP {exc.status} {exc.reason}: {message or 'no details'}"
+    if isinstance(exc, kfp_server_api.ApiException):  # after the probe: the server's own word
+        message = api_message(exc.body) or "no details"
+        hint = f": {AUTH_HINT}" if exc.status in (401, 403) else ""
+        return f"{where} answered HTTP {exc.status} {exc.reason}: {message}{hint}"
     if isinstance(exc, urllib3.exceptions.MaxRetryError) and exc.reason is not None:
         exc = exc.reason
     if isinstance(exc, urllib3.exceptions.ReadTimeoutError | TimeoutError):

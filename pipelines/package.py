@@ -38,7 +38,6 @@ class PipelinePackage:
 
     path: Path
     sha256: str
-    name: str  # pipelineInfo.name
     spec: Mapping[str, Any]  # the PipelineSpec document
     types: Mapping[str, str]  # root input name → parameterType (STRING, NUMBER_INTEGER, ...)
     required: frozenset[str]
@@ -86,7 +85,6 @@ def load_package(path: str | os.PathLike[str]) -> PipelinePackage:
     return PipelinePackage(
         path=package,
         sha256=hashlib.sha256(data).hexdigest(),
-        name=str((spec.get("pipelineInfo") or {}).get("name", "")),
         spec=spec,
         types={name: str(info.get("parameterType", "")) for name, info in inputs.items()},
         required=frozenset(
@@ -159,16 +157,13 @@ def _yaml_value(key: str, text: str) -> Any:
         ) from None
 
 
-def resolve_params(raw: Mapping[str, str], package: PipelinePackage | None) -> dict[str, Any]:
+def resolve_params(raw: Mapping[str, str], package: PipelinePackage) -> dict[str, Any]:
     """Turn raw ``key=value`` texts into typed runtime parameters.
 
-    Values are YAML scalars (``3`` → int, ``0.1`` → float, ``true`` → bool). With a package the
-    names are checked against its root inputs, values against their declared types (a STRING
-    input keeps the text as typed, an integer given to a NUMBER_DOUBLE input becomes a float)
-    and every required input must be given.
+    Values are YAML scalars (``3`` → int, ``0.1`` → float, ``true`` → bool), checked against
+    the package's root inputs and their declared types (a STRING input keeps the text as typed,
+    an integer given to a NUMBER_DOUBLE input becomes a float); every required input is given.
     """
-    if package is None:
-        return {key: _yaml_value(key, text) for key, text in raw.items()}
     params: dict[str, Any] = {}
     for key, text in raw.items():
         kind = package.types.get(key)

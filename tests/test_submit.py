@@ -291,13 +291,6 @@ def test_resolve_params_types(package: Path) -> None:
     raw = pkg.parse_params(["epochs=10", "lr=3", "tag=yes", "flag=off", "classes=[1, b]"])
     params = pkg.resolve_params(raw, loaded)
     assert params == {"epochs": 10, "lr": 3.0, "tag": "yes", "flag": False, "classes": [1, "b"]}
-    # without a package (library use) values are plain YAML scalars
-    assert pkg.resolve_params({"a": "1", "b": "0.5", "c": "text", "d": ""}, None) == {
-        "a": 1,
-        "b": 0.5,
-        "c": "text",
-        "d": "",
-    }
 
 
 @pytest.mark.parametrize(
@@ -553,22 +546,6 @@ def test_login_redirect_is_an_auth_error(package: Path, capsys: pytest.CaptureFi
         assert run_cli(*submit_args(server, package, "--param", "epochs=1")) == 2
     (line,) = error_lines(capsys.readouterr().err)
     assert "text/html" in line and "login page" in line and "--cookies" in line
-
-
-def test_tls_failure_is_described() -> None:
-    import kfp_server_api
-
-    try:
-        try:
-            raise kfp_server_api.ApiException(
-                status=0, reason="SSLError\n[SSL] certificate verify failed"
-            )
-        except kfp_server_api.ApiException as exc:
-            exc.body.decode("utf-8")  # what kfp_server_api.ApiClient does with a TLS error
-    except AttributeError as chained:
-        message = kfp_api.describe_error(chained, "https://kf.example")
-    assert message is not None
-    assert "certificate verify failed" in message and "--ssl-ca-cert" in message
 
 
 def test_https_to_a_plain_http_server(
