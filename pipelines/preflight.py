@@ -304,6 +304,7 @@ def run_command(args: argparse.Namespace, environ: Mapping[str, str], out: TextI
     checks = preflight(args, environ)
     for check in checks:
         print(check.line(), file=out)
-    failed = sum(c.ok is False for c in checks)
-    print(f"preflight: {len(checks) - failed} ok, {failed} failed", file=out)
+    count = {state: sum(c.ok is state for c in checks) for state in (True, None, False)}
+    print(f"preflight: {count[True]} ok, {count[None]} unknown, {count[False]} failed", file=out)
+    failed = count[False]
     return 1 if failed else 0

@@ -200,7 +200,7 @@ def test_a_ready_cluster_passes(
     ]
     for line in expected:
         assert line in text, line
-    assert lines[-1] == f"preflight: {len(lines) - 1} ok, 0 failed"
+    assert lines[-1] == f"preflight: {len(lines) - 1} ok, 0 unknown, 0 failed"
     kube_calls = [(m, p) for m, p, h in server.seen if p.startswith("/api/v1")]
     assert {m for m, _ in kube_calls} == {"GET"}  # read-only
     assert all(
@@ -253,7 +253,8 @@ def test_what_is_missing_is_named_with_what_to_do(
     for what, todo in wanted.items():
         assert any(what in line and todo in line for line in failed), (what, failed)
     assert len(failed) == len(wanted), failed
-    assert lines[-1] == f"preflight: {len(lines) - 1 - len(wanted)} ok, {len(wanted)} failed"
+    ok = len(lines) - 1 - len(wanted)
+    assert lines[-1] == f"preflight: {ok} ok, 0 unknown, {len(wanted)} failed"
 
 
 def test_an_unreachable_kfp_and_cluster_fail_fast(compiled: str, tmp_path: Path) -> None:
