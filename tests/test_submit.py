@@ -717,3 +717,20 @@ def test_checkpoint_root_defaults_under_the_pipeline_root(
     assert run_cli(*submit_args(server, car_package, *data, *given)) == 0
     params = posts(server, "/runs")[1].json["runtime_config"]["parameters"]
     assert params["checkpoint_root"] == "gs://other-bucket/ckpt"
+
+
+def test_make_targets_call_the_one_entry_point() -> None:
+    """``make resume-pipeline RUN_ID=...``, ``make preflight`` and the others run
+    ``python -m pipelines <command>`` (dry run: nothing is executed)."""
+    commands = {
+        "resume-pipeline": '-m pipelines resume --run-id "run-123"',
+        "preflight": "-m pipelines preflight --package pipelines/compiled/car_classifier.yaml",
+        "submit-pipeline": "-m pipelines submit --package pipelines/compiled/car_classifier.yaml",
+        "unschedule": "-m pipelines unschedule",
+    }
+    for target, expected in commands.items():
+        proc = subprocess.run(
+            ["make", "-n", target, "RUN_ID=run-123"], cwd=REPO, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert expected in proc.stdout, (target, proc.stdout)
