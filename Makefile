@@ -7,8 +7,9 @@ RUN_DIR ?= runs/local
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c requirements/lock.txt
 
 # Kubeflow: the trainer image, the recipe the pipeline is built from, the cluster
-# (python -m pipelines.submit reads KFP_HOST, KFP_NAMESPACE, EXPERIMENT, PIPELINE_ROOT, KFP_TOKEN,
-# KFP_COOKIES from the environment; keep tokens out of this file: KFP_TOKEN=... make submit-pipeline)
+# (python -m pipelines submit|schedule|resume|preflight read KFP_HOST, KFP_NAMESPACE, EXPERIMENT,
+# PIPELINE_ROOT, KFP_SERVICE_ACCOUNT, KFP_TOKEN, KFP_COOKIES from the environment; keep tokens out
+# of this file: KFP_TOKEN=... make submit-pipeline; docs/cluster.md walks through a cluster)
 IMAGE ?= ghcr.io/carclassifier/trainer:0.1.0
 DOCKER ?= docker
 PIPELINE_CONFIG ?= configs/recipe_b6.yaml
@@ -24,10 +25,12 @@ PARAMS ?=
 # (python -m pipelines compile --help lists them; docs/kfp-backend.md says what each can read).
 KFP_VERSION ?=
 COMPILE_ARGS = --image $(IMAGE) $(if $(KFP_VERSION),--kfp-version $(KFP_VERSION))
-export KFP_HOST KFP_NAMESPACE EXPERIMENT PIPELINE_ROOT
+KFP_SERVICE_ACCOUNT ?= carclassifier-pipeline
+RUN_ID ?=
+export KFP_HOST KFP_NAMESPACE EXPERIMENT PIPELINE_ROOT KFP_SERVICE_ACCOUNT RUN_ID
 
 .PHONY: help install install-reference test lint eda run-local bench clean compile run-pipeline-local \
-	submit-pipeline schedule unschedule image push-image manifests-validate
+	submit-pipeline schedule unschedule preflight resume-pipeline image push-image manifests-validate
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -69,14 +72,20 @@ run-pipeline-local: install  ## the same pipeline with kfp.local on the local Li
 	$(PY) -m pipelines run-local --config $(CONFIG) --root runs/pipeline-local
 
 submit-pipeline: compile  ## upload (a new version only if changed) and start a run on KFP_HOST
-	$(PY) -m pipelines.submit submit --package $(PIPELINE_PACKAGE) $(PARAMS)
+	$(PY) -m pipelines submit --package $(PIPELINE_PACKAGE) $(PARAMS)
+
+preflight: compile  ## check KFP, namespace, service account, secrets, GPU nodes, buckets, image, IR
+	$(PY) -m pipelines preflight --package $(PIPELINE_PACKAGE) $(PARAMS)
+
+resume-pipeline: install  ## start a failed run again (RUN_ID=...): finished tasks come from the cache
+	$(PY) -m pipelines resume --run-id "$(RUN_ID)"
 
 schedule: install  ## scheduled retraining: make schedule CRON="0 3 * * 0" (fresh data every run)
 	$(PY) -m pipelines compile --config $(PIPELINE_CONFIG) --out $(RETRAIN_PACKAGE) $(COMPILE_ARGS) --no-cache-data
-	$(PY) -m pipelines.submit schedule --package $(RETRAIN_PACKAGE) --cron "$(CRON)" $(PARAMS)
+	$(PY) -m pipelines schedule --package $(RETRAIN_PACKAGE) --cron "$(CRON)" $(PARAMS)
 
 unschedule: install  ## delete the recurring retraining run
-	$(PY) -m pipelines.submit unschedule
+	$(PY) -m pipelines unschedule
 
 image:  ## build the GPU trainer image (IMAGE=registry/path:tag; needs Docker with BuildKit)
 	$(DOCKER) build --platform linux/amd64 -f docker/trainer.Dockerfile \

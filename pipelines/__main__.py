@@ -1,7 +1,10 @@
-"""``python -m pipelines compile|run-local``.
+"""``python -m pipelines compile|run-local|submit|schedule|unschedule|resume|preflight``.
 
     python -m pipelines compile --config configs/recipe_b6.yaml --out pipelines/compiled/car_classifier.yaml
     python -m pipelines run-local --config configs/recipe_lite0_local.yaml --root runs/pipeline-local
+    python -m pipelines submit --host URL --pipeline-root gs://BUCKET/kfp-root --param data_source=gs://...
+    python -m pipelines resume --host URL --run-id RUN_ID
+    python -m pipelines preflight --host URL --pipeline-root gs://BUCKET/kfp-root
 
 ``run-local`` runs the whole pipeline with kfp.local (each task a subprocess of this Python,
 the same component code as on the cluster; no GPU settings apply). Its outputs::
@@ -9,20 +12,29 @@ the same component code as on the cluster; no GPU settings apply). Its outputs::
     <root>/kfp/<pipeline>-<time>/<task>/   artifacts and executor_output.json of every task
     <root>/checkpoints/<run key>/          stages, evaluation, export, submission.csv
     <root>/checkpoints/champion.json       the champion pointer
+
+The KFP commands end a failure with one ``error: ...`` line and exit status 2 (``--debug``
+shows the traceback instead).
 """
 
 import argparse
+import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
-from carclassifier.config import load_config
-from carclassifier.errors import CarClassifierError
 from pipelines import compile as compile_cli
-from pipelines.car_classifier import run_pipeline_local
+from pipelines import preflight, submit
+from pipelines.kfp_api import describe_error
+from pipelines.package import one_line
 
 
 def run_local(args: argparse.Namespace) -> int:
     """Run the pipeline locally as ``args`` say; print where the outputs are."""
+    from carclassifier.config import load_config
+    from carclassifier.errors import CarClassifierError
+    from pipelines.car_classifier import run_pipeline_local
+
     root = args.root.resolve()
     arguments = {
         "data_source": args.data or "",
@@ -40,12 +52,12 @@ def run_local(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The ``python -m pipelines`` command line."""
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    """Every sub-command; defaults of the KFP ones come from ``environ``."""
     parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="tracebacks instead of one line")
     commands = parser.add_subparsers(dest="command", required=True)
-    compile_parser = commands.add_parser("compile", help="compile a recipe to kfp IR YAML")
-    compile_cli.add_arguments(compile_parser)
+    compile_cli.add_arguments(commands.add_parser("compile", help="compile a recipe to kfp IR"))
     local = commands.add_parser("run-local", help="run the pipeline with kfp.local")
     local.add_argument("--config", type=Path, required=True, help="recipe YAML")
     local.add_argument("--root", type=Path, default=Path("runs/pipeline-local"))
@@ -57,8 +69,35 @@ def main(argv: list[str] | None = None) -> int:
     )
     local.add_argument("--checkpoint-root", help="default <root>/checkpoints (a folder or gs://)")
     local.add_argument("--no-cache", action="store_true", help="run every task again")
-    args = parser.parse_args(argv)
-    return compile_cli.run(args) if args.command == "compile" else run_local(args)
+    submit.add_commands(commands, environ)
+    preflight.add_command(commands, environ)
+    return parser
+
+
+def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """The ``python -m pipelines`` command line; returns the exit status."""
+    environ = os.environ if environ is None else environ
+    args = build_parser(environ).parse_args(argv)
+    if args.command == "compile":
+        return compile_cli.run(args)
+    if args.command == "run-local":
+        return run_local(args)
+    try:
+        if args.command == "preflight":
+            return preflight.run_command(args, environ, sys.stdout)
+        submit.run_command(args, environ, sys.stdout)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        message = describe_error(exc, getattr(args, "host", None)) or (
+            f"unexpected {type(exc).__name__}: {one_line(exc)} (rerun with --debug)"
+        )
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -199,7 +199,9 @@ class ClusterOptions:
     retries: int = 3
     backoff_duration: str = "60s"
     backoff_factor: float = 2.0
-    backoff_max_duration: str = "3600s"
+    backoff_max_duration: str = "86400s"
+    """Argo's backoff.maxDuration, counted from the first attempt's start: a day, so a stage
+    preempted after hours of training is still retried (kfp's default 3600s would not)."""
     run_as_user: int | None = RUN_AS_USER
     """uid of every container (with ``runAsNonRoot``); None leaves the security context unset.
     Compiling for a KFP backend before 2.16.0 (``kfp_version``) leaves it out anyway: its proto

@@ -1,9 +1,21 @@
-"""A small in-memory Kubeflow Pipelines v2beta1 REST server for tests.
+"""A small in-memory Kubeflow Pipelines v2beta1 REST server for tests: OUR BELIEF of the API.
 
 It answers the calls :class:`kfp.Client` makes for uploading pipelines and versions, experiments,
-runs and recurring runs, with JSON shaped like the real API server's (snake_case proto names),
-and records every request (method, path, query, headers, JSON body, multipart fields) so tests
-can assert on exactly what the client sent. Stdlib only; runs in a thread on 127.0.0.1.
+runs and recurring runs, and records every request (method, path, query, headers, JSON body,
+multipart fields) so tests can assert on exactly what the client sent. Where it follows the
+real server, from kubeflow/pipelines at tag 2.17.0:
+
+* JSON uses the proto field names, unpopulated fields left out, and a request body with an
+  unknown field is refused (backend/src/apiserver/common/utils.go, CustomMarshaler:
+  UseProtoNames, EmitUnpopulated false, DiscardUnknown false); the fields of Run and
+  RecurringRun are those of backend/api/v2beta1/run.proto and recurring_run.proto (whose list
+  field really is ``recurringRuns``), enums by name (RuntimeState ``PENDING`` ...);
+* ``GET /apis/v2beta1/healthz`` answers ``commit_sha``, ``tag_name``, ``multi_user`` and
+  ``pipeline_store`` with ``Content-Type: application/json`` (backend/src/apiserver/main.go,
+  newHealthzResponse / writeJSONResponse);
+* routes are the ``google.api.http`` options of those protos (``GET /runs/{run_id}`` ...).
+
+Stdlib only; runs in a thread on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -19,6 +31,21 @@ from urllib.parse import parse_qs, urlsplit
 API = "/apis/v2beta1"
 # HTTP status → grpc code, as grpc-gateway maps them in error bodies.
 _GRPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 409: 6}
+# The request-settable fields of Run / RecurringRun (backend/api/v2beta1/*.proto, tag 2.17.0).
+_FIELDS = {
+    "run_id": {
+        "experiment_id", "run_id", "display_name", "storage_state", "description",
+        "pipeline_version_id", "pipeline_spec", "pipeline_version_reference", "runtime_config",
+        "service_account", "created_at", "scheduled_at", "finished_at", "state", "error",
+        "run_details", "recurring_run_id", "state_history",
+    },
+    "recurring_run_id": {
+        "recurring_run_id", "display_name", "description", "pipeline_version_id",
+        "pipeline_spec", "pipeline_version_reference", "runtime_config", "service_account",
+        "max_concurrency", "trigger", "mode", "created_at", "updated_at", "status", "error",
+        "no_catchup", "namespace", "experiment_id",
+    },
+}  # fmt: skip
 
 
 @dataclass
@@ -102,8 +129,10 @@ class FakeKfpServer:
         required_token: str | None = None,
         page_size_cap: int | None = None,
         login_redirect: bool = False,
+        tag_name: str = "2.17.0",
     ) -> None:
         self.multi_user = multi_user
+        self.tag_name = tag_name
         self.login_redirect = login_redirect  # act like an auth proxy: 302 to an HTML login
         self.required_token = required_token
         self.page_size_cap = page_size_cap  # force pagination in tests
@@ -184,7 +213,12 @@ class FakeKfpServer:
             raise HttpError(404, "Not Found")
         parts = path[len(API) + 1 :].split("/")
         if parts == ["healthz"] and method == "GET":
-            return 200, {"multi_user": self.multi_user, "pipeline_store": "database"}
+            return 200, {
+                "commit_sha": "unknown",
+                "tag_name": self.tag_name,
+                "multi_user": self.multi_user,
+                "pipeline_store": "database",
+            }
         if parts == ["pipelines"] and method == "GET":
             ns = req.q("namespace") or ""
             items = [p for p in self.pipelines.values() if p.get("namespace", "") == ns]
@@ -216,6 +250,10 @@ class FakeKfpServer:
             return 200, experiment
         if parts == ["runs"] and method == "POST":
             return 200, self._create(req, self.runs, "run_id", {"state": "PENDING"})
+        if len(parts) == 2 and parts[0] == "runs" and method == "GET":
+            if parts[1] not in self.runs:
+                raise HttpError(404, f"run {parts[1]} not found")
+            return 200, self.runs[parts[1]]
         if parts == ["recurringruns"] and method == "POST":
             return 200, self._create(
                 req, self.recurring_runs, "recurring_run_id", {"status": "ENABLED"}
@@ -286,6 +324,9 @@ class FakeKfpServer:
         self, req: Recorded, store: dict[str, dict[str, Any]], id_key: str, extra: dict[str, Any]
     ) -> dict[str, Any]:
         body = dict(req.json or {})
+        unknown = sorted(set(body) - _FIELDS[id_key])
+        if unknown:
+            raise HttpError(400, f"unknown field(s) {unknown}")
         experiment = self.experiments.get(body.get("experiment_id", ""))
         if experiment is None:
             raise HttpError(400, "experiment not found")
@@ -296,7 +337,9 @@ class FakeKfpServer:
         ):
             raise HttpError(400, "pipeline version not found")
         new_id = str(uuid.uuid4())
-        body.update(extra, namespace=experiment["namespace"])
+        body.update(extra)
+        if id_key == "recurring_run_id":  # a Run has no namespace field; a RecurringRun does
+            body["namespace"] = experiment["namespace"]
         body[id_key] = new_id
         store[new_id] = body
         return body

@@ -299,7 +299,9 @@ def test_a_local_run_may_use_local_folders():
 
 
 def test_submit_checks_parameters_before_any_network_call(compiled, capsys):
-    from pipelines import submit
+    from pipelines import package as submit
+    from pipelines.__main__ import main
+    from pipelines.car_classifier import check_arguments
 
     package = submit.load_package(compiled)
     assert package.recipe is not None and package.stage_names == tuple(_recipe()[1])
@@ -308,7 +310,7 @@ def test_submit_checks_parameters_before_any_network_call(compiled, capsys):
     good = submit.resolve_params(
         submit.parse_params(["gpu_count=2", "checkpoint_root=gs://my-bucket/c"]), package
     )
-    submit.check_run_parameters(package, good)  # passes
+    check_arguments({**package.defaults, **good}, package.recipe, package.stage_names)  # passes
     # Port 9 (discard) on localhost: had validation not stopped it, this would be a network error.
     argv = ["submit", "--host", "http://127.0.0.1:9", "--package", str(compiled)]
     for param, expected in [
@@ -317,7 +319,7 @@ def test_submit_checks_parameters_before_any_network_call(compiled, capsys):
         ("checkpoint_root=gs://b/x", "bad pipeline parameter: checkpoint_root"),
         ("overrides=[input.batch_size=0]", "input.batch_size"),
     ]:
-        assert submit.main([*argv, "--param", param], environ={}) == 2
+        assert main([*argv, "--param", param], environ={}) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and expected in err and "\n" not in err, err
 

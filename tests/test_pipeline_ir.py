@@ -142,7 +142,7 @@ def test_retries_and_caching(b6, tmp_path):
             "maxRetryCount": 3,
             "backoffDuration": "60s",
             "backoffFactor": 2.0,
-            "backoffMaxDuration": "3600s",
+            "backoffMaxDuration": "86400s",  # tests/test_cluster_rules.py: a day
         }, name
         assert task["cachingOptions"] == {"enableCache": True}
     for name in ("prepare-data", "validate-and-eda", "evaluate-model", "export-model"):

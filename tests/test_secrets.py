@@ -135,13 +135,14 @@ def test_no_secret_in_logs_outputs_or_compiled_pipeline(
     fake_kaggle.fail_with = "401 Unauthorized for {user}:{key} at https://www.kaggle.com/api/v1"
     assert main(["download-kaggle", "--dest", str(run / "kaggle2"), "--force"]) == 2
 
-    from pipelines import submit
+    from pipelines.__main__ import main as pipelines_main
     from pipelines.car_classifier import compile_pipeline
 
-    compiled = compile_pipeline(RECIPE, run / "pipeline.yaml")
+    compiled = compile_pipeline(RECIPE, run / "pipeline.yaml", "registry.example.com/cc/t:1")
     base = ["submit", "--package", str(compiled), "--timeout", "2"]
-    assert submit.main([*base, "--host", "http://127.0.0.1:9", "--param", "gpu_count=-1"]) == 2
-    assert submit.main([*base, "--host", "http://127.0.0.1:9"]) == 2  # nothing listens there
+    base += ["--pipeline-root", "gs://my-bucket/kfp", "--param", "data_source=gs://my-bucket/d"]
+    assert pipelines_main([*base, "--host", "http://127.0.0.1:9", "--param", "gpu_count=-1"]) == 2
+    assert pipelines_main([*base, "--host", "http://127.0.0.1:9"]) == 2  # nothing listens there
 
     out, err = capsys.readouterr()
     logs = "\n".join(f"{r.name} {r.getMessage()}" for r in caplog.records)

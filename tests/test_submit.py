@@ -1,8 +1,9 @@
-"""pipelines/submit.py against a local fake of the KFP v2beta1 REST API (tests/kfp_fake_server.py).
+"""``python -m pipelines submit|schedule|unschedule|resume`` against a local fake of the KFP
+v2beta1 REST API (tests/kfp_fake_server.py, which says what of it follows the real server).
 
-No cluster: a stdlib HTTP server on 127.0.0.1 speaks the calls kfp.Client makes and records
-them, and the tests assert on what was sent (multipart package bytes, run and recurring-run
-bodies, query filters, auth headers) and on the one-line errors and exit status 2.
+No cluster: a stdlib HTTP server on 127.0.0.1 answers the calls an unmodified kfp.Client makes
+and records them, and the tests assert on what was sent (multipart package bytes, run and
+recurring-run bodies, query filters, auth headers) and on the one-line errors and exit status 2.
 """
 
 # No `from __future__ import annotations` here: kfp reads the component's annotations as types.
@@ -23,7 +24,10 @@ if str(REPO) not in sys.path:  # `pipelines` is a top-level folder of the repo, 
 
 from kfp_fake_server import FakeKfpServer, Recorded  # noqa: E402
 
-from pipelines import submit  # noqa: E402
+from pipelines import __main__ as cli  # noqa: E402
+from pipelines import cron as cron_module  # noqa: E402
+from pipelines import kfp_api  # noqa: E402
+from pipelines import package as pkg  # noqa: E402
 
 
 @dsl.component(base_image="python:3.11-slim")
@@ -62,7 +66,7 @@ def server() -> Iterator[FakeKfpServer]:
 
 
 def run_cli(*argv: str, environ: dict[str, str] | None = None) -> int:
-    return submit.main(list(argv), environ=environ or {})
+    return cli.main(list(argv), environ=environ or {})
 
 
 def submit_args(server: FakeKfpServer, package: Path, *extra: str) -> list[str]:
@@ -107,8 +111,8 @@ def test_submit_uploads_package_and_starts_run(
     pipeline_id = next(iter(server.pipelines))
 
     (upload_version,) = posts(server, "/pipelines/upload_version")
-    loaded = submit.load_package(package)
-    assert upload_version.q("name") == submit.default_version_name("car-classifier", loaded)
+    loaded = pkg.load_package(package)
+    assert upload_version.q("name") == pkg.default_version_name("car-classifier", loaded)
     assert upload_version.q("name") == f"car-classifier-{loaded.sha256[:12]}"
     assert upload_version.q("pipelineid") == pipeline_id
     assert upload_version.fields["uploadfile"] == data
@@ -190,14 +194,14 @@ def test_concurrent_upload_conflict_reuses_the_version(
     server: FakeKfpServer, package: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert run_cli(*submit_args(server, package, "--param", "epochs=1")) == 0
-    real_find = submit.find_version
+    real_find = kfp_api.find_version
     lookups: list[str] = []
 
-    def racing_find(conn: submit.KfpConnection, pipeline_id: str, name: str) -> object:
+    def racing_find(conn: kfp_api.KfpConnection, pipeline_id: str, name: str) -> object:
         lookups.append(name)  # first lookup misses, as if another submit raced us
         return None if len(lookups) == 1 else real_find(conn, pipeline_id, name)
 
-    monkeypatch.setattr(submit, "find_version", racing_find)
+    monkeypatch.setattr(kfp_api, "find_version", racing_find)
     assert run_cli(*submit_args(server, package, "--param", "epochs=1")) == 0
     assert len(lookups) == 2
     assert len(posts(server, "/pipelines/upload_version")) == 2  # the second one got a 409
@@ -283,17 +287,10 @@ def test_multi_user_needs_a_namespace_and_sends_it(
 
 
 def test_resolve_params_types(package: Path) -> None:
-    loaded = submit.load_package(package)
-    raw = submit.parse_params(["epochs=10", "lr=3", "tag=yes", "flag=off", "classes=[1, b]"])
-    params = submit.resolve_params(raw, loaded)
+    loaded = pkg.load_package(package)
+    raw = pkg.parse_params(["epochs=10", "lr=3", "tag=yes", "flag=off", "classes=[1, b]"])
+    params = pkg.resolve_params(raw, loaded)
     assert params == {"epochs": 10, "lr": 3.0, "tag": "yes", "flag": False, "classes": [1, "b"]}
-    # without a package (library use) values are plain YAML scalars
-    assert submit.resolve_params({"a": "1", "b": "0.5", "c": "text", "d": ""}, None) == {
-        "a": 1,
-        "b": 0.5,
-        "c": "text",
-        "d": "",
-    }
 
 
 @pytest.mark.parametrize(
@@ -349,9 +346,9 @@ def test_no_host_outside_a_cluster(package: Path, capsys: pytest.CaptureFixture[
     (line,) = error_lines(capsys.readouterr().err)
     assert "KFP_HOST" in line
     pod = {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}
-    assert submit.resolve_host(None, pod) == submit.IN_CLUSTER_HOST
-    with pytest.raises(submit.SubmitError, match="bad host"):
-        submit.resolve_host("localhost:8080", {})
+    assert kfp_api.resolve_host(None, pod) == kfp_api.IN_CLUSTER_HOST
+    with pytest.raises(pkg.SubmitError, match="bad host"):
+        kfp_api.resolve_host("localhost:8080", {})
 
 
 @pytest.mark.parametrize(
@@ -369,7 +366,9 @@ def test_no_host_outside_a_cluster(package: Path, capsys: pytest.CaptureFixture[
     ],
 )
 def test_cron_to_kfp(cron: str, kfp_cron: str) -> None:
-    assert submit.to_kfp_cron(cron) == kfp_cron
+    """robfig/cron v1.2.0's Parse (the KFP API server's check: backend/src/apiserver/server/
+    api_converter.go, toModelJob, tag 2.17.0) wants six fields, seconds first."""
+    assert cron_module.to_kfp_cron(cron) == kfp_cron
 
 
 @pytest.mark.parametrize(
@@ -378,19 +377,18 @@ def test_cron_to_kfp(cron: str, kfp_cron: str) -> None:
         ("", "empty cron"),
         ("0 3 * *", "4 fields"),
         ("0 0 0 3 * * 0", "7 fields"),
-        ("0 3 * * 7", "day-of-week 7 is out of range 0-6"),
-        ("0 24 * * *", "hour 24 is out of range 0-23"),
-        ("0 3 0 * *", "day-of-month 0 is out of range 1-31"),
-        ("0 3 * 13 *", "month 13 is out of range 1-12"),
-        ("0 3 * * L", "day-of-week 'L' is not a number or a name"),
-        ("*/0 * * * *", "step '0' must be a positive number"),
-        ("0 5-2 * * *", "runs backwards"),
-        ("@sometimes", "unknown descriptor"),
+        ("0 24 * * *", "out of range"),
+        ("0 3 0 * *", "out of range"),
+        ("0 3 * 13 *", "out of range"),
+        ("0 3 * * L", "not acceptable"),
+        ("*/0 * * * *", "step '0'"),
+        ("@sometimes", "invalid cron expression '@sometimes'"),
     ],
 )
 def test_bad_cron(cron: str, expected: str) -> None:
-    with pytest.raises(submit.CronError, match=expected.replace("(", r"\(")):
-        submit.to_kfp_cron(cron)
+    with pytest.raises(pkg.SubmitError, match=expected) as caught:
+        cron_module.to_kfp_cron(cron)
+    assert '"0 3 * * 0"' in str(caught.value)  # the hint
 
 
 # --------------------------------------------------------------------------- (un)schedule
@@ -450,9 +448,9 @@ def test_schedule_rejects_bad_cron_before_any_request(
     server: FakeKfpServer, package: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = ["schedule", "--host", server.url, "--package", str(package), "--param", "epochs=1"]
-    assert run_cli(*args, "--cron", "0 3 * * 7") == 2
+    assert run_cli(*args, "--cron", "0 24 * * *") == 2
     (line,) = error_lines(capsys.readouterr().err)
-    assert "day-of-week 7" in line and '"0 3 * * 0"' in line
+    assert "'0 24 * * *'" in line and '"0 3 * * 0"' in line
     assert run_cli(*args) == 2  # no --cron, no CRON
     assert "--cron" in error_lines(capsys.readouterr().err)[0]
     assert server.requests == []
@@ -489,7 +487,7 @@ def _run_module(*argv: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess
     env.pop("KUBERNETES_SERVICE_HOST", None)
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "pipelines.submit", *argv],
+        [sys.executable, "-m", "pipelines", *argv],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -550,22 +548,6 @@ def test_login_redirect_is_an_auth_error(package: Path, capsys: pytest.CaptureFi
     assert "text/html" in line and "login page" in line and "--cookies" in line
 
 
-def test_tls_failure_is_described() -> None:
-    import kfp_server_api
-
-    try:
-        try:
-            raise kfp_server_api.ApiException(
-                status=0, reason="SSLError\n[SSL] certificate verify failed"
-            )
-        except kfp_server_api.ApiException as exc:
-            exc.body.decode("utf-8")  # what kfp_server_api.ApiClient does with a TLS error
-    except AttributeError as chained:
-        message = submit.describe_error(chained, "https://kf.example")
-    assert message is not None
-    assert "certificate verify failed" in message and "--ssl-ca-cert" in message
-
-
 def test_https_to_a_plain_http_server(
     server: FakeKfpServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -586,3 +568,169 @@ def test_silent_server_times_out(package: Path, capsys: pytest.CaptureFixture[st
     assert seconds < 5
     (line,) = error_lines(capsys.readouterr().err)
     assert "did not answer in time" in line and "--timeout" in line
+
+
+# ------------------------------------------------------------------ identity (defect 4)
+
+
+def test_runs_and_schedules_name_the_pipeline_service_account(
+    server: FakeKfpServer, package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without a service account the API server runs the pods as its
+    DEFAULTPIPELINERUNNERSERVICEACCOUNT (kubeflow/pipelines backend/src/apiserver/template/
+    template.go, setDefaultServiceAccount, tag 2.17.0): ``pipeline-runner`` standalone,
+    ``default-editor`` multi-user (manifests/kustomize/base/installs/multi-user/api-service/
+    params.env, tag 2.4.0), which no Workload Identity binding of ours covers. So submit and
+    schedule send manifests/serviceaccounts.yaml's account unless told another."""
+    assert run_cli(*submit_args(server, package, "--param", "epochs=1")) == 0
+    assert "pods run in namespace kubeflow as service account carclassifier-pipeline" in (
+        capsys.readouterr().err
+    )
+    environ = {"KFP_SERVICE_ACCOUNT": "team-sa"}
+    assert run_cli(*submit_args(server, package, "--param", "epochs=1"), environ=environ) == 0
+    schedule = ["schedule", "--host", server.url, "--package", str(package), "--cron", "0 3 * * 0"]
+    assert run_cli(*schedule, "--param", "epochs=1", "--service-account", "other-sa") == 0
+    runs = [r.json["service_account"] for r in posts(server, "/runs")]
+    assert runs == ["carclassifier-pipeline", "team-sa"]
+    assert posts(server, "/recurringruns")[0].json["service_account"] == "other-sa"
+
+
+def test_multi_user_pods_run_in_the_profile_namespace(
+    package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A multi-user run goes to its experiment's namespace, the profile (kubeflow/pipelines
+    backend/src/apiserver/resource/resource_manager.go, CreateRun, tag 2.17.0)."""
+    with FakeKfpServer(multi_user=True) as server:
+        args = submit_args(server, package, "--param", "epochs=1", "--namespace", "team-a")
+        assert run_cli(*args) == 0
+    err = capsys.readouterr().err
+    assert "multi-user (profile namespace) Kubeflow Pipelines: pods run in namespace team-a" in err
+
+
+# ------------------------------------------------------------------ resume (defect 5)
+
+
+def test_resume_starts_the_identical_run_again(
+    server: FakeKfpServer, package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Argo's default retry policy (retryStrategy without retryPolicy, as KFP's argocompiler
+    writes it) is OnFailure: a pod that is deleted or loses its node ends as an Error node and
+    is not retried (argoproj/argo-workflows workflow/controller/operator.go, processNodeRetries
+    and "pod deleted"; pkg/apis/workflow/v1alpha1/workflow_types.go, RetryPolicyActual; tag
+    v4.0.5, the controller KFP 2.17.0 deploys). The run fails; resume starts it again with the
+    same pipeline version, parameters, root, account and experiment (read with GET /runs/{id},
+    backend/api/v2beta1/run.proto, tag 2.17.0), so finished tasks are cache hits."""
+    args = submit_args(server, package, "--pipeline-root", "gs://b/root", "--param", "epochs=4")
+    assert run_cli(*args, "--param", "tag=x7", "--service-account", "sa-1") == 0
+    (old_id,) = server.runs
+    capsys.readouterr()
+
+    assert run_cli("resume", "--host", server.url, "--run-id", old_id) == 2
+    assert "is PENDING: only a FAILED or CANCELED run" in capsys.readouterr().err
+
+    server.runs[old_id]["state"] = "FAILED"
+    assert run_cli("resume", "--host", server.url, environ={"RUN_ID": old_id}) == 0
+    assert f"run {old_id} (FAILED) resumed" in capsys.readouterr().err
+    first, again = (r.json for r in posts(server, "/runs"))
+    for key in ("experiment_id", "pipeline_version_reference", "runtime_config", "service_account"):
+        assert again[key] == first[key], key
+    assert again["runtime_config"] == {
+        "parameters": {"epochs": 4, "tag": "x7"},
+        "pipeline_root": "gs://b/root",
+    }
+    assert again["display_name"].startswith(first["display_name"] + "-resume-")
+    assert len(posts(server, "/pipelines/upload_version")) == 1  # nothing uploaded again
+
+    assert run_cli("resume", "--host", server.url) == 2
+    assert "--run-id" in error_lines(capsys.readouterr().err)[0]
+
+
+# ------------------------------------------------------- defaults on a cluster (defect 3)
+
+GOOD_IMAGE = "registry.example.com/carclassifier/trainer:1.0"
+
+
+@pytest.fixture(scope="module")
+def car_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real car-classifier pipeline (recipe_b6), compiled on a pushed-looking image."""
+    from pipelines.car_classifier import compile_pipeline
+
+    out = tmp_path_factory.mktemp("car") / "car_classifier.yaml"
+    return compile_pipeline(REPO / "configs/recipe_b6.yaml", out, GOOD_IMAGE)
+
+
+def test_placeholder_image_is_refused(
+    server: FakeKfpServer, car_package: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The executors' images (deploymentSpec.executors.*.container.image) are what the pods
+    pull; components/_base.py's DEFAULT_IMAGE is a placeholder no registry has."""
+    from components import DEFAULT_IMAGE
+
+    placeholder = tmp_path / "placeholder.yaml"
+    placeholder.write_text(car_package.read_text().replace(GOOD_IMAGE, DEFAULT_IMAGE))
+    args = ["--pipeline-root", "gs://my-bucket/kfp", "--param", "data_source=gs://my-bucket/cars"]
+    assert run_cli(*submit_args(server, placeholder, *args)) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert DEFAULT_IMAGE in line and "make push-image" in line
+    assert server.requests == []
+
+
+def test_empty_data_source_is_refused_unless_the_recipe_has_a_gs_root(
+    server: FakeKfpServer, car_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """data_source="" means the recipe's data.root (recipe_b6: a relative folder no image has:
+    prepare would fail on every retry)."""
+    root = ["--pipeline-root", "gs://my-bucket/kfp"]
+    assert run_cli(*submit_args(server, car_package, *root)) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "data_source is empty" in line and "data/sf-dl-car-classification" in line
+    assert "data_source=gs://" in line
+    assert server.requests == []
+    in_recipe = ["--param", "overrides=[data.root=gs://my-bucket/cars]"]
+    assert run_cli(*submit_args(server, car_package, *root, *in_recipe)) == 0
+
+
+def test_checkpoint_root_defaults_under_the_pipeline_root(
+    server: FakeKfpServer, car_package: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """checkpoint_root="" would keep checkpoints inside each pod (no resume; the gate cannot
+    read another pod's export): derived as <pipeline root>/checkpoints, else refused."""
+    data = ["--param", "data_source=gs://my-bucket/cars"]
+    assert run_cli(*submit_args(server, car_package, *data)) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "checkpoint_root is empty" in line and "--pipeline-root" in line
+    assert (
+        run_cli(*submit_args(server, car_package, *data, "--pipeline-root", "gs://my-bucket/kfp/"))
+        == 0
+    )
+    (run,) = posts(server, "/runs")
+    assert run.json["runtime_config"]["parameters"] == {
+        "data_source": "gs://my-bucket/cars",
+        "checkpoint_root": "gs://my-bucket/kfp/checkpoints",
+    }
+    given = [
+        "--param",
+        "checkpoint_root=gs://other-bucket/ckpt",
+        "--pipeline-root",
+        "gs://my-bucket/kfp",
+    ]
+    assert run_cli(*submit_args(server, car_package, *data, *given)) == 0
+    params = posts(server, "/runs")[1].json["runtime_config"]["parameters"]
+    assert params["checkpoint_root"] == "gs://other-bucket/ckpt"
+
+
+def test_make_targets_call_the_one_entry_point() -> None:
+    """``make resume-pipeline RUN_ID=...``, ``make preflight`` and the others run
+    ``python -m pipelines <command>`` (dry run: nothing is executed)."""
+    commands = {
+        "resume-pipeline": '-m pipelines resume --run-id "run-123"',
+        "preflight": "-m pipelines preflight --package pipelines/compiled/car_classifier.yaml",
+        "submit-pipeline": "-m pipelines submit --package pipelines/compiled/car_classifier.yaml",
+        "unschedule": "-m pipelines unschedule",
+    }
+    for target, expected in commands.items():
+        proc = subprocess.run(
+            ["make", "-n", target, "RUN_ID=run-123"], cwd=REPO, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert expected in proc.stdout, (target, proc.stdout)
