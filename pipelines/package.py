@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from pipelines import kfp_versions
+
 
 class SubmitError(Exception):
     """A failure the user can fix; its message is the one line printed after ``error:``."""
@@ -221,6 +223,15 @@ def cluster_defaults(
         )
     merged = {**package.defaults, **params}
     out = dict(params)
+    target = kfp_versions.target_version(package.spec)
+    if merged.get("data_source") == "kaggle" and target is not None:
+        if not kfp_versions.backend(target).optional_env_sources:
+            raise SubmitError(
+                f"data_source=kaggle needs the optional Kaggle secret, which a package for KFP "
+                f"{target} leaves out (honoured from {kfp_versions.OPTIONAL_ENV_SOURCES_SINCE}): "
+                "stage the photos under gs:// (carclassifier download-kaggle, gsutil cp) and pass "
+                "--param data_source=gs://BUCKET/PREFIX"
+            )
     if merged.get("data_source", "") == "":
         from carclassifier.steps import resolve_config
 

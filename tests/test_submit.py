@@ -734,3 +734,25 @@ def test_make_targets_call_the_one_entry_point() -> None:
         )
         assert proc.returncode == 0, proc.stderr
         assert expected in proc.stdout, (target, proc.stdout)
+
+
+def test_kaggle_data_is_refused_for_a_backend_without_optional_secrets(
+    server: FakeKfpServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A package for KFP 2.2.0 leaves the optional Kaggle env secret out (``optional`` of
+    ``secretAsEnv`` is honoured from 2.15.0: pipelines/kfp_versions.py, from
+    kubernetes_platform/proto/kubernetes_executor_config.proto at the tags), so prepare would
+    find no credentials: data_source=kaggle is refused at submit, a gs:// source is not."""
+    from pipelines.car_classifier import compile_pipeline
+
+    old = compile_pipeline(
+        REPO / "configs/recipe_b6.yaml", tmp_path / "p.yaml", GOOD_IMAGE, kfp_version="2.2.0"
+    )
+    root = ["--pipeline-root", "gs://my-bucket/kfp"]
+    assert run_cli(*submit_args(server, old, *root, "--param", "data_source=kaggle")) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "data_source=kaggle" in line and "2.2.0" in line and "data_source=gs://" in line
+    assert server.requests == []
+    assert (
+        run_cli(*submit_args(server, old, *root, "--param", "data_source=gs://my-bucket/cars")) == 0
+    )
