@@ -58,12 +58,13 @@ run-local: install  ## the whole recipe on the embedded default (RUN_DIR=runs/lo
 	$(VENV)/bin/carclassifier run-local --config $(CONFIG) --out $(RUN_DIR)
 
 BENCH_ARGS ?=
-bench: install  ## CPU benchmarks (~15 min; BENCH_ARGS=--quick ~5 min), results into benchmarks/results/
+bench: install  ## CPU benchmarks (~18 min; BENCH_ARGS=--quick ~6 min), results into benchmarks/results/
 	$(PY) -m benchmarks.input_pipeline $(BENCH_ARGS)
 	$(PY) -m benchmarks.train_step $(BENCH_ARGS)
 	$(PY) -m benchmarks.inference $(BENCH_ARGS)
 	$(PY) -m benchmarks.memory $(BENCH_ARGS)
 	$(PY) -m benchmarks.gcs_throughput $(BENCH_ARGS)
+	$(PY) -m benchmarks.data_handoff $(BENCH_ARGS)
 
 compile: install  ## the recipe's kfp pipeline -> pipelines/compiled/car_classifier.yaml (IMAGE=..., KFP_VERSION=...)
 	$(PY) -m pipelines compile --config $(PIPELINE_CONFIG) --out $(PIPELINE_PACKAGE) $(COMPILE_ARGS)

@@ -32,14 +32,16 @@ B6_CHECKPOINT_MB = (170, 300)
 moment slots for the trainable share (0 to 2 x 165 MB): ~170 MB (head only) to ~300+ MB."""
 
 
-def start_emulator() -> tuple[subprocess.Popen, str]:
-    """gcp-storage-emulator on a free local port, in memory (as tests/conftest.py starts it)."""
+def start_emulator(
+    command: tuple[str, ...] = (sys.executable, "-m", "gcp_storage_emulator"),
+) -> tuple[subprocess.Popen, str]:
+    """gcp-storage-emulator (``command``) on a free local port, in memory (as tests/conftest.py
+    starts it)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     process = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
-         "--port", str(port), "--in-memory"],
+        [*command, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     endpoint = f"http://127.0.0.1:{port}"

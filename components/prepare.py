@@ -18,8 +18,9 @@ def prepare_data(
     dataset: Output[Dataset],
 ) -> NamedTuple("PrepareOutputs", [("run_key", str), ("num_classes", int)]):
     """Fetch the data, validate every image, split it and write the Dataset artifact (the
-    images, split.csv, validation.json and the effective config) that every later step reads.
-    run_key names the run's folder under the checkpoint root."""
+    images as a few tar shards, split.csv, validation.json and the effective config) that every
+    later step reads; its metadata names the shard set (shards_sha256). run_key names the
+    run's folder under the checkpoint root."""
     from carclassifier import steps
 
     manifest = steps.prepare(

@@ -44,6 +44,18 @@ def _tiny_dataset(root: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _scratch(tmp_path_factory: pytest.TempPathFactory):
+    """Unpacked image shards go to a test folder, also in kfp.local's task subprocesses."""
+    previous = os.environ.get(steps.SCRATCH_ENV)
+    os.environ[steps.SCRATCH_ENV] = str(tmp_path_factory.mktemp("scratch"))
+    yield
+    if previous is None:
+        os.environ.pop(steps.SCRATCH_ENV, None)
+    else:
+        os.environ[steps.SCRATCH_ENV] = previous
+
+
 def _recipe(*extra: str) -> str:
     return dump_config(load_config(None, ["name=steps-test", TWO_STAGES, *extra]))
 
@@ -82,8 +94,10 @@ def test_prepare_writes_the_dataset_artifact_and_a_stable_run_key(tmp_path):
     artifact = tmp_path / "a"
     for name in ("config.yaml", "split.csv", "validation.json", "usable.csv", "dataset.json"):
         assert (artifact / name).is_file()
+    assert (artifact / "shards" / "index.json").is_file() and not (artifact / "data").exists()
     config, prepared, manifest = steps.load_dataset_artifact(str(artifact))
-    assert prepared.dataset.root == (artifact / "data").resolve() and manifest == first
+    root = (steps.images_root(str(artifact)) / "data").resolve()
+    assert prepared.dataset.root == root and manifest == first
     assert config.stage("stage_2").epochs == 1
 
     counts = steps.validate_and_eda(str(artifact), str(tmp_path / "eda" / "report.html"))

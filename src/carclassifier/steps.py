@@ -6,12 +6,19 @@ testable without kfp, and the same library calls run in `carclassifier.local_run
 
 The Dataset artifact written by `prepare` is the hand-over between pods::
 
-    <dataset>/data/...           the dataset itself (its own layout: Kaggle, labels.csv, folders)
-    <dataset>/test/...           unlabelled test images, when they came from outside data/
+    <dataset>/shards/images-NNNNN.tar, index.json
+                                 the images, packed by `carclassifier.shards`: the tars hold
+                                 data/... (the dataset in its own layout: Kaggle, labels.csv,
+                                 folders) and test/... (unlabelled test images, when they came
+                                 from outside data/)
     <dataset>/config.yaml        the effective config (recipe YAML + overrides + parameters)
     <dataset>/split.csv          the train/validation split every stage uses
     <dataset>/validation.json    the validation report; usable.csv, excluded.csv: its tables
     <dataset>/dataset.json       manifest: run key, class names, test folder, counts
+
+The launcher copies an input artifact object by object (one GET each), so the images travel as a
+few shards instead of one object per image; each reading step unpacks them once into a scratch
+folder (`images_root`). Why, and what it costs either way: docs/data-handoff.md.
 
 A run's durable outputs live under ``<checkpoint root>/<run key>/`` (local folder or gs://), laid
 out like a local run's output folder: ``stages/<stage>/`` (per-epoch checkpoints, best.keras,
@@ -41,7 +48,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import pandas as pd
 
-from carclassifier import storage
+from carclassifier import shards, storage
 from carclassifier.config import RunConfig, dump_config, load_config
 from carclassifier.eda import png_data_uri
 from carclassifier.errors import ConfigError, DatasetError
@@ -54,6 +61,9 @@ TEST_DIR = "test"
 MANIFEST = "dataset.json"
 CONFIG_FILE = "config.yaml"
 SPLIT_FILE = "split.csv"
+SHARD_DIR = "shards"
+SCRATCH_ENV = "CARCLASSIFIER_SCRATCH"
+"""Where reading steps unpack the image shards (default: the system temp folder)."""
 USABLE_FILE = "usable.csv"
 EXCLUDED_FILE = "excluded.csv"
 KAGGLE_SOURCE = "kaggle"
@@ -198,6 +208,10 @@ def prepare(
 
     demo = source == DEMO_SOURCE
     test_dir = _copy_test_images(config if demo else _with_data_root(config, data), prepared, out)
+    folders = [DATA_DIR] + ([TEST_DIR] if (out / TEST_DIR).is_dir() else [])
+    packed = shards.write_shards(out, folders, out / SHARD_DIR)
+    for folder in folders:
+        shutil.rmtree(out / folder)  # the shards hold them; one object per image is what we avoid
     counts = prepared.split["subset"].value_counts()
     manifest = {
         "run_key": make_run_key(config, prepared),
@@ -210,6 +224,8 @@ def prepare(
         "excluded_images": len(prepared.report.excluded),
         "test_dir": test_dir,
         "stages": names,
+        "shards": len(packed),
+        "shards_sha256": shards.index_digest(out / SHARD_DIR),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     log.info("dataset artifact %s: %s", out, json.dumps(manifest))
@@ -235,10 +251,34 @@ def _copy_test_images(config: RunConfig, prepared: PreparedData, out: Path) -> s
     return TEST_DIR
 
 
-def load_dataset_artifact(dataset_dir: str) -> tuple[RunConfig, PreparedData, dict[str, Any]]:
-    """The effective config, the prepared data and the manifest of a Dataset artifact."""
+def images_root(dataset_dir: str) -> Path:
+    """The folder that holds the Dataset artifact's ``data/`` and ``test/``: its shards unpacked
+    (verified) into ``$CARCLASSIFIER_SCRATCH`` or the temp folder, once per shard set (a folder
+    named by `shards.index_digest`, so a second call in the same pod reuses it); an artifact
+    written before shards existed is its own root."""
     out = Path(dataset_dir)
-    data = out / DATA_DIR
+    if not (out / SHARD_DIR).is_dir():
+        return out
+    scratch = Path(os.environ.get(SCRATCH_ENV) or tempfile.gettempdir())
+    target = scratch / f"carclassifier-images-{shards.index_digest(out / SHARD_DIR)[:16]}"
+    if target.is_dir():
+        log.info("images of %s already unpacked in %s", dataset_dir, target)
+        return target
+    scratch.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f"{target.name}.", dir=scratch))
+    shards.extract_shards(out / SHARD_DIR, partial)
+    try:
+        partial.rename(target)  # atomic: a folder at target is always complete
+    except OSError:  # another process of this pod got there first, with the same bytes
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def load_dataset_artifact(dataset_dir: str) -> tuple[RunConfig, PreparedData, dict[str, Any]]:
+    """The effective config, the prepared data (its root: the unpacked images, `images_root`)
+    and the manifest of a Dataset artifact."""
+    out = Path(dataset_dir)
+    data = images_root(dataset_dir) / DATA_DIR
     config = _with_data_root(load_config(out / CONFIG_FILE), data)
     prepared = load_prepared(data, out / SPLIT_FILE)
     manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
@@ -322,7 +362,7 @@ def validate_and_eda(dataset_dir: str, report_html: str) -> dict[str, Any]:
     text = {"id": str, "path": str, "class_name": str, "mode": str, "reason": str}
     validation = json.loads((out / "validation.json").read_text(encoding="utf-8"))
     report = ValidationReport(
-        load_dataset(out / DATA_DIR),
+        load_dataset(images_root(dataset_dir) / DATA_DIR),
         pd.read_csv(out / USABLE_FILE, dtype=text, keep_default_na=False),
         pd.read_csv(out / EXCLUDED_FILE, dtype=text, keep_default_na=False),
         [Finding(**f) for f in validation["findings"]],
@@ -481,7 +521,7 @@ def predict(
         rows = 0
     else:
         frame = predict_folder(
-            load_model(model_path), Path(dataset_dir) / manifest["test_dir"],
+            load_model(model_path), images_root(dataset_dir) / manifest["test_dir"],
             prepared.dataset.class_names, target,
             sample_submission=prepared.dataset.sample_submission,
             batch_size=config.input.batch_size, progress=False,
