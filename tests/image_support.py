@@ -223,6 +223,8 @@ def record_builds(builds: Sequence[Build], base_seconds: float) -> dict[str, Any
     utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     load1, load5, _ = os.getloadavg()
     for build in builds:
+        if build.kind == "partial":  # neither figure: some layers rebuilt, some cached
+            continue
         entry = images.setdefault(Path(build.dockerfile).name, {})
         entry["image"] = build.image
         entry["size_bytes"] = build.size_bytes

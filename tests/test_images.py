@@ -283,6 +283,9 @@ def test_one_stage_in_the_trainer_image_checkpoints_to_the_emulator(
         "--stage", "stage_1", "--stage-out", stage_out,
     )  # fmt: skip
     metrics = json.loads(result.stdout[result.stdout.index("{") :])
+    # The caches live under /tmp (MPLCONFIGDIR, KERAS_HOME): nothing wanted to write to HOME.
+    for complaint in ("is not a writable directory", "temporary cache directory"):
+        assert complaint not in result.stderr, result.stderr[-2000:]
     assert metrics["epochs_run"] == 1 and 0.0 <= metrics["best_val_accuracy"] <= 1.0
     assert metrics["best_model"] == f"{stage_out}/best.keras"
     names = blob_names(bucket)
@@ -534,7 +537,10 @@ def test_serving_image_answers_readyz_a_photo_and_refuses_text(
     with urllib.request.urlopen(f"{serving}/readyz", timeout=10) as response:
         assert response.status == 200
     (photo,) = photos(tmp_path, 1)
-    assert "shared" in photo.parts, "a real photo from the shared data was expected"
+    assert "shared" in photo.parts, (
+        "no real photo found: put the shared data at ../shared beside the repository or set "
+        "CARCLASSIFIER_SHARED_DATA to its folder"
+    )
     status, body = post_file(f"{serving}/v1/predict", photo.name, photo.read_bytes(), "image/jpeg")
     assert status == 200, body
     (prediction,) = body["predictions"]
