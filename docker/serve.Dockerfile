@@ -53,8 +53,8 @@ FROM deps AS runtime
 RUN groupadd --gid 10001 carclassifier \
     && useradd --uid 10001 --gid 10001 --no-log-init --no-create-home \
         --home-dir /tmp --shell /usr/sbin/nologin carclassifier
-# COPY, not RUN --mount=type=bind,from=wheel: buildah 1.28 cannot bind-mount from a stage that
-# came entirely from its layer cache ("couldn't find .../merged/wheels"); the wheel is ~130 kB.
+# COPY, not RUN --mount=type=bind,from=wheel: buildah 1.28 failed here to bind-mount from a stage
+# that came entirely from its layer cache ("couldn't find .../merged/wheels"); the wheel is ~130 kB.
 COPY --from=wheel /wheels/ /wheels/
 RUN pip install --no-cache-dir --no-deps /wheels/carclassifier-*.whl \
     && carclassifier serve --help > /dev/null \

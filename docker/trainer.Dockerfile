@@ -90,8 +90,8 @@ RUN groupadd --gid 10001 carclassifier \
     && install -d -o 10001 -g 10001 -m 0750 /workspace
 # The package without its dependencies (they are all in the venv; --no-deps keeps pip from
 # pulling tensorflow-cpu, which carclassifier's metadata names), then a smoke check.
-# COPY, not RUN --mount=type=bind,from=wheel: buildah 1.28 cannot bind-mount from a stage that
-# came entirely from its layer cache ("couldn't find .../merged/wheels"); the wheel is ~130 kB.
+# COPY, not RUN --mount=type=bind,from=wheel: buildah 1.28 failed here to bind-mount from a stage
+# that came entirely from its layer cache ("couldn't find .../merged/wheels"); the wheel is ~130 kB.
 COPY --from=wheel /wheels/ /wheels/
 RUN pip install --no-cache-dir --no-deps /wheels/carclassifier-*.whl \
     && carclassifier --help > /dev/null \
