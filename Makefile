@@ -30,7 +30,7 @@ RUN_ID ?=
 export KFP_HOST KFP_NAMESPACE EXPERIMENT PIPELINE_ROOT KFP_SERVICE_ACCOUNT RUN_ID
 
 .PHONY: help install install-reference test lint eda run-local bench clean compile run-pipeline-local \
-	submit-pipeline schedule unschedule preflight resume-pipeline image push-image manifests-validate
+	submit-pipeline schedule unschedule preflight resume-pipeline image push-image image-test manifests-validate
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -88,8 +88,11 @@ schedule: install  ## scheduled retraining: make schedule CRON="0 3 * * 0" (fres
 unschedule: install  ## delete the recurring retraining run
 	$(PY) -m pipelines unschedule
 
-image:  ## build the GPU trainer image (IMAGE=registry/path:tag; needs Docker with BuildKit)
+PIP_CA ?=
+comma := ,
+image:  ## build the GPU trainer image (IMAGE=registry/path:tag; PIP_CA=ca.pem behind a TLS proxy; Docker with BuildKit)
 	$(DOCKER) build --platform linux/amd64 -f docker/trainer.Dockerfile \
+	  $(if $(PIP_CA),--secret id=pip-ca$(comma)src=$(PIP_CA)) \
 	  --build-arg VCS_REF=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
 	  --build-arg BUILD_DATE=$$(date -u +%Y-%m-%dT%H:%M:%SZ) \
 	  -t $(IMAGE) .
@@ -103,6 +106,9 @@ SERVE_HOST ?= 127.0.0.1
 SERVE_PORT ?= 8080
 serve: install  ## web page + JSON API for an exported model on http://127.0.0.1:8080/ (SERVE_MODEL=dir or gs://...)
 	$(VENV)/bin/carclassifier serve --model $(SERVE_MODEL) --host $(SERVE_HOST) --port $(SERVE_PORT)
+
+image-test: install  ## build both images with buildah on a stand-in base, run them with podman (root, ~25 GB disk; docs/containers.md)
+	$(PY) -m pytest -m image tests/test_images.py
 
 manifests-validate: install  ## Dockerfile checks + manifests against Kubernetes and KServe schemas
 	$(PY) -m pytest -q tests/test_docker_manifests.py

@@ -26,7 +26,10 @@ FROM base AS deps
 WORKDIR /build
 COPY pyproject.toml ./
 COPY requirements/lock.txt ./requirements/
-RUN /usr/local/bin/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
+# pip-ca: the optional CA-bundle build secret, as in trainer.Dockerfile (docs/containers.md).
+RUN --mount=type=secret,id=pip-ca \
+    if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
+    && /usr/local/bin/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
     && /usr/local/bin/python -m venv /opt/venv \
     && pip install --no-cache-dir "pip==26.3" \
     && pip install --no-cache-dir -r requirements.txt -c requirements/lock.txt \
@@ -38,22 +41,29 @@ FROM deps AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+RUN --mount=type=secret,id=pip-ca \
+    if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
+    && pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # --------------------------------------------------------------------------------------------
-FROM base AS runtime
+# runtime: the deps stage plus the package and the user (FROM deps rather than a COPY of the
+# venv: no second copy of it to make and, on a cached rebuild, to compare).
+FROM deps AS runtime
 # A fixed numeric uid/gid so the pod's runAsNonRoot/runAsUser: 10001 can be verified.
 RUN groupadd --gid 10001 carclassifier \
     && useradd --uid 10001 --gid 10001 --no-log-init --no-create-home \
         --home-dir /tmp --shell /usr/sbin/nologin carclassifier
-COPY --from=deps /opt/venv /opt/venv
-RUN --mount=type=bind,from=wheel,source=/wheels,target=/tmp/wheels \
-    pip install --no-cache-dir --no-deps /tmp/wheels/carclassifier-*.whl \
+# COPY, not RUN --mount=type=bind,from=wheel: buildah 1.28 failed here to bind-mount from a stage
+# that came entirely from its layer cache ("couldn't find .../merged/wheels"); the wheel is ~130 kB.
+COPY --from=wheel /wheels/ /wheels/
+RUN pip install --no-cache-dir --no-deps /wheels/carclassifier-*.whl \
     && carclassifier serve --help > /dev/null \
     && python -c "import carclassifier.serving.app, flask, waitress, prometheus_client, tensorflow"
 # The root filesystem is read-only in the pod: every cache and scratch file goes to /tmp
 # (an emptyDir there; --tmpfs /tmp with docker run --read-only).
+# NO_ALBUMENTATIONS_UPDATE: no request to PyPI for a newer albumentations at every start.
 ENV PYTHONDONTWRITEBYTECODE=1 \
+    NO_ALBUMENTATIONS_UPDATE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \
     KERAS_HOME=/tmp/.keras \

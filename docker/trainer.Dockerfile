@@ -47,7 +47,12 @@ RUN /usr/local/bin/python docker/gpu_requirements.py --pyproject pyproject.toml 
 FROM base AS deps
 COPY --from=requirements /build/gpu/ /build/gpu/
 COPY docker/gpu-constraints.txt /build/gpu/
-RUN /usr/local/bin/python -m venv /opt/venv \
+# pip-ca: an optional build secret, the CA bundle pip trusts during the build (behind a
+# TLS-intercepting proxy: --secret id=pip-ca,src=FILE). A secret is mounted for this RUN only,
+# never stored in a layer, and does not change the layer cache key; without it pip uses its own.
+RUN --mount=type=secret,id=pip-ca \
+    if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
+    && /usr/local/bin/python -m venv /opt/venv \
     && pip install --no-cache-dir "pip==26.3" \
     && pip install --no-cache-dir \
         -r /build/gpu/requirements-gpu.txt \
@@ -64,11 +69,17 @@ FROM deps AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip wheel --no-cache-dir --no-deps --build-constraint /build/gpu/gpu-constraints.txt \
+RUN --mount=type=secret,id=pip-ca \
+    if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
+    && pip wheel --no-cache-dir --no-deps --build-constraint /build/gpu/gpu-constraints.txt \
         --wheel-dir /wheels .
 
 # --------------------------------------------------------------------------------------------
-FROM base AS runtime
+# runtime: the deps stage (the venv) plus the package and the user. FROM deps, not a COPY of
+# /opt/venv into a fresh base: the same layers, without copying and committing the 6 GB venv a
+# second time (a cached rebuild had to copy it again to compare it, ~70 s; a cold build needed
+# that much more disk). deps adds nothing else but its three requirement files in /build/gpu.
+FROM deps AS runtime
 # A fixed numeric uid/gid, so pods can use runAsNonRoot/runAsUser: 10001 and Kubernetes can
 # verify it (the pipeline sets the same ids: pipelines/car_classifier.py RUN_AS_USER). Above
 # 10000, so it matches no user of the node. A writable home for the caches Keras, matplotlib
@@ -77,21 +88,31 @@ RUN groupadd --gid 10001 carclassifier \
     && useradd --uid 10001 --gid 10001 --no-log-init --create-home \
         --home-dir /home/carclassifier --shell /usr/sbin/nologin carclassifier \
     && install -d -o 10001 -g 10001 -m 0750 /workspace
-COPY --from=deps /opt/venv /opt/venv
 # The package without its dependencies (they are all in the venv; --no-deps keeps pip from
 # pulling tensorflow-cpu, which carclassifier's metadata names), then a smoke check.
-RUN --mount=type=bind,from=wheel,source=/wheels,target=/tmp/wheels \
-    pip install --no-cache-dir --no-deps /tmp/wheels/carclassifier-*.whl \
+# COPY, not RUN --mount=type=bind,from=wheel: buildah 1.28 failed here to bind-mount from a stage
+# that came entirely from its layer cache ("couldn't find .../merged/wheels"); the wheel is ~130 kB.
+COPY --from=wheel /wheels/ /wheels/
+RUN pip install --no-cache-dir --no-deps /wheels/carclassifier-*.whl \
     && carclassifier --help > /dev/null \
     && python -c "import albumentations, carclassifier, cv2, google.cloud.storage, keras, kfp, tensorflow"
 # GKE mounts the node's NVIDIA driver at /usr/local/nvidia (libraries in lib64, nvidia-smi in
 # bin); other clusters' NVIDIA container toolkit injects it into the system library path.
 # NVIDIA_VISIBLE_DEVICES is deliberately not set: the device plugin sets it per pod, and "all"
 # in the image would expose every GPU of a node to pods that did not request one.
+# Caches go to /tmp, writable also when the root filesystem is read-only (a pod with
+# readOnlyRootFilesystem and an emptyDir at /tmp; docker run --read-only --tmpfs /tmp):
+# matplotlib's font cache, Keras' downloaded weights, carclassifier's input cache.
+# NO_ALBUMENTATIONS_UPDATE: albumentations otherwise asks PyPI for a newer release at every
+# import, i.e. in every task (a request to the internet from each pod, a warning without it).
 ENV PYTHONDONTWRITEBYTECODE=1 \
+    NO_ALBUMENTATIONS_UPDATE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/home/carclassifier \
     MPLBACKEND=Agg \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    KERAS_HOME=/tmp/keras \
+    CARCLASSIFIER_CACHE=/tmp/carclassifier-cache \
     LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/nvidia/lib \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 WORKDIR /workspace

@@ -29,12 +29,10 @@ the pod spec through a placeholder are string parameters: the driver reads them 
 """
 
 # No `from __future__ import annotations`: kfp reads the pipeline function's annotations as types.
-import importlib.util
 import inspect
 import logging
 import math
 import re
-import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -607,19 +605,6 @@ def check_arguments(
     return args
 
 
-def _unshadow_docker_sdk() -> None:
-    """kfp.local imports the ``docker`` SDK when it can; run from the repository root, the
-    ``docker/`` folder (Dockerfiles) is found instead, as a namespace package, and kfp.local
-    fails on ``docker.DockerClient``. Without the real SDK, make ``import docker`` fail as
-    kfp.local expects (only its DockerRunner needs the SDK)."""
-    if "docker" in sys.modules:
-        return
-    spec = importlib.util.find_spec("docker")
-    locations = (spec.submodule_search_locations or []) if spec is not None else []
-    if spec is not None and not any((Path(p) / "client.py").is_file() for p in locations):
-        sys.modules["docker"] = None  # type: ignore[assignment]  # not the docker SDK
-
-
 def run_pipeline_local(
     config: RunConfig | str | Path,
     pipeline_root: str | Path,
@@ -640,7 +625,6 @@ def run_pipeline_local(
     check_arguments(
         arguments, dump_config(config), [s.name for s in config.stages], on_cluster=False
     )
-    _unshadow_docker_sdk()
     root = Path(pipeline_root)
     root.mkdir(parents=True, exist_ok=True)
     name = pipeline_name(config)

@@ -1,5 +1,5 @@
 """The model server as a real process (``carclassifier serve``, waitress on 127.0.0.1), and its
-deployment: docker/serve.Dockerfile and the Deployment + Service manifests."""
+deployment: the Deployment + Service manifests (the image: tests/test_images.py)."""
 
 from __future__ import annotations
 
@@ -32,9 +32,7 @@ from test_docker_manifests import (
     NAMESPACE,
     SERVING_SA,
     load_yaml_documents,
-    parse_dockerfile,
-    render_kustomization,
-    stages,
+    rendered,
 )
 
 SERVE_DOCKERFILE = ROOT / "docker" / "serve.Dockerfile"
@@ -166,35 +164,11 @@ def test_a_load_failure_after_start_up_stops_serve_with_the_error(tmp_path, monk
         serve(ServingConfig(model=str(tmp_path), port=0))
 
 
-# --------------------------------------------------------------------------- Dockerfile
-
-
-def test_serve_dockerfile_runs_the_server_as_non_root_from_the_lock():
-    instructions = parse_dockerfile(SERVE_DOCKERFILE.read_text(encoding="utf-8"))
-    built = stages(instructions)
-    assert [s.name for s in built] == ["base", "deps", "wheel", "runtime"]
-    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}", built[0].image)
-    runtime = built[-1].instructions
-    users = [i.value for i in runtime if i.keyword == "USER"]
-    assert users == ["10001:10001"]
-    deps_run = " ".join(i.value for i in built[1].instructions if i.keyword == "RUN")
-    assert "-c requirements/lock.txt" in deps_run and "pip check" in deps_run
-    assert "tensorflow[and-cuda]" not in SERVE_DOCKERFILE.read_text()
-    entry = [i.exec_form() for i in runtime if i.keyword == "ENTRYPOINT"]
-    cmd = [i.exec_form() for i in runtime if i.keyword == "CMD"]
-    assert entry == [["carclassifier", "serve"]]
-    assert cmd and "--host" in cmd[0] and cmd[0][cmd[0].index("--host") + 1] == "0.0.0.0"
-    env = {k: v for i in runtime if i.keyword == "ENV" for k, v in i.pairs().items()}
-    assert env["HOME"].startswith("/tmp") and env["KERAS_HOME"].startswith("/tmp")
-    assert [i.value for i in runtime if i.keyword == "EXPOSE"] == ["8080"]
-    assert not re.search(r"(?i)(secret|password|token)\s*=", SERVE_DOCKERFILE.read_text())
-
-
 # --------------------------------------------------------------------------- manifests
 
 
 def rendered_serving() -> tuple[dict, dict]:
-    docs = render_kustomization(MANIFESTS)
+    docs = rendered()
     (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
     (service,) = [d for d in docs if d["kind"] == "Service"]
     return deployment, service
@@ -248,10 +222,7 @@ def test_the_cli_accepts_the_deployment_arguments_and_the_image_defaults():
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     parsed = build_parser().parse_args(["serve", *args])
     assert parsed.model == "gs://REPLACE_ME/carclassifier/export" and parsed.port == 8080
-    cmd = [
-        i.exec_form() for i in parse_dockerfile(SERVE_DOCKERFILE.read_text()) if i.keyword == "CMD"
-    ][0]
-    assert build_parser().parse_args(["serve", *cmd]).host == "0.0.0.0"
+    # The image's own defaults: tests/test_images.py::test_serve_image_config (the built image).
 
 
 def test_both_servers_read_the_same_export_layout(tmp_path):
