@@ -24,7 +24,7 @@ import shutil
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from carclassifier.errors import DatasetError
@@ -185,10 +185,20 @@ def _bad(path: Path, why: str) -> DatasetError:
     )
 
 
+_DATA_FILTER = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+"""tarfile's ``data`` filter where this Python has it (3.11.4+); Debian bookworm's 3.11.2, the
+interpreter of the stand-in image base, has none: `_members` then is the only guard."""
+
+
 def _members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """Plain files and folders with relative names inside the destination, else `TarError`
+    (the guard of the ``data`` filter, also on Pythons without it)."""
     for member in tar:
         if not (member.isfile() or member.isdir()):
             raise tarfile.TarError(f"member {member.name!r} is neither a file nor a folder")
+        name = PurePosixPath(member.name)
+        if name.is_absolute() or ".." in name.parts or member.name.startswith("\\"):
+            raise tarfile.TarError(f"member {member.name!r} points outside the destination")
         yield member
 
 
@@ -214,7 +224,7 @@ def extract_shards(shard_dir: str | os.PathLike[str], dest: str | os.PathLike[st
                 try:
                     with tarfile.open(fileobj=reader, mode="r|") as tar:
                         for member in _members(tar):
-                            tar.extract(member, dest, filter="data")
+                            tar.extract(member, dest, **_DATA_FILTER)
                 except (tarfile.TarError, OSError, EOFError) as exc:
                     raise _bad(path, f"not a readable tar ({exc})") from None
                 reader.drain()
