@@ -30,6 +30,16 @@ def write_image(
     return path
 
 
+def tiny_dataset(root: Path) -> Path:
+    """Two classes of four images and a ``test_upload/`` folder of two."""
+    for c, name in enumerate(("audi", "bmw")):
+        for i in range(4):
+            write_image(root / name / f"img_{i}.jpg", seed=c * 100 + i)
+    for i in range(2):
+        write_image(root / "test_upload" / f"test_{i}.jpg", seed=500 + i)
+    return root
+
+
 def tiny_model(size: int = 32, num_classes: int = 3):
     """Raw 0..255 RGB in, softmax out, seeded weights; a conv so that augmented views differ.
     For tests where the backbone does not matter."""

@@ -32,7 +32,7 @@ from typing import Any
 import image_support as images
 import pytest
 import yaml
-from conftest import write_image
+from conftest import tiny_dataset
 
 from carclassifier import storage
 from carclassifier.config import dump_config, load_config
@@ -111,16 +111,6 @@ def trainer(built: dict[str, images.Build]) -> str:
 @pytest.fixture(scope="session")
 def serve_image(built: dict[str, images.Build]) -> str:
     return built["serve"].image
-
-
-def tiny_dataset(root: Path) -> Path:
-    """Two classes of four images and a ``test_upload/`` folder of two."""
-    for c, name in enumerate(("audi", "bmw")):
-        for i in range(4):
-            write_image(root / name / f"img_{i}.jpg", seed=c * 100 + i)
-    for i in range(2):
-        write_image(root / "test_upload" / f"test_{i}.jpg", seed=500 + i)
-    return root
 
 
 def new_bucket(prefix: str) -> str:

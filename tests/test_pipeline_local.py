@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import write_image
+from conftest import tiny_dataset
 
 from carclassifier import steps, storage
 from carclassifier.config import dump_config, load_config
@@ -32,16 +32,6 @@ TASKS_IN_ORDER = [
     "train-stage-2",
     "evaluate-model",
 ]
-
-
-def _tiny_dataset(root: Path) -> Path:
-    """Two classes of four images and a ``test_upload/`` folder of two."""
-    for c, name in enumerate(("audi", "bmw")):
-        for i in range(4):
-            write_image(root / name / f"img_{i}.jpg", seed=c * 100 + i)
-    for i in range(2):
-        write_image(root / "test_upload" / f"test_{i}.jpg", seed=500 + i)
-    return root
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -77,7 +67,7 @@ def test_resolve_config_applies_overrides_then_parameters():
 
 
 def test_prepare_writes_the_dataset_artifact_and_a_stable_run_key(tmp_path):
-    data = _tiny_dataset(tmp_path / "cars")
+    data = tiny_dataset(tmp_path / "cars")
     first = steps.prepare(
         _recipe(), [], str(data), str(tmp_path / "a"), stage_names=["stage_1", "stage_2"]
     )
@@ -106,7 +96,7 @@ def test_prepare_writes_the_dataset_artifact_and_a_stable_run_key(tmp_path):
 
 
 def test_a_dataset_without_test_folder_gets_no_test_images(tmp_path):
-    data = _tiny_dataset(tmp_path / "cars")
+    data = tiny_dataset(tmp_path / "cars")
     shutil.rmtree(data / "test_upload")
     manifest = steps.prepare(_recipe(), [], str(data), str(tmp_path / "a"))
     assert manifest["test_dir"] is None and not (tmp_path / "a" / "test").exists()
@@ -114,7 +104,7 @@ def test_a_dataset_without_test_folder_gets_no_test_images(tmp_path):
 
 def test_the_gate_leaves_a_pointer_that_already_names_the_export(tmp_path):
     artifact = tmp_path / "dataset"
-    steps.prepare(_recipe(), [], str(_tiny_dataset(tmp_path / "cars")), str(artifact))
+    steps.prepare(_recipe(), [], str(tiny_dataset(tmp_path / "cars")), str(artifact))
     pointer = tmp_path / "champion.json"
     text = json.dumps({"export": "gs://b/run/export", "val_accuracy": 0.75})
     pointer.write_text(text)
@@ -175,7 +165,7 @@ def _artifact_metadata(task_dir: Path, name: str) -> dict:
 def pipeline_run(tmp_path_factory: pytest.TempPathFactory, gcs_emulator: str) -> dict:
     """Run the pipeline once; hand the tests its task folders and buckets."""
     root = tmp_path_factory.mktemp("pipeline")
-    data = _tiny_dataset(root / "cars")
+    data = tiny_dataset(root / "cars")
     config = load_config(
         None,
         [
