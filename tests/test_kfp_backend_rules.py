@@ -21,22 +21,14 @@ from carclassifier.errors import ConfigError
 from pipelines import kfp_versions
 from pipelines.car_classifier import ClusterOptions, compile_pipeline, stage_timeout_seconds
 from pipelines.compile import main as compile_main
+from tests.kfp_protos import MIRROR, show
 
 B6 = Path(__file__).parents[1] / "configs" / "recipe_b6.yaml"
 IMAGE = "registry.example/carclassifier/trainer:test"
-KFP_MIRROR = Path("/work/.mirror/kubeflow+pipelines/repo")
+KFP_MIRROR = MIRROR
 ARGO_MIRROR = Path("/work/.mirror/argoproj+argo-workflows/repo")
 mirror = pytest.mark.skipif(not KFP_MIRROR.is_dir(), reason="no kubeflow/pipelines mirror here")
 MODEL_TASKS = ("train-stage", "evaluate-model", "predict-submission", "champion-gate")
-
-
-def _show(repo: Path, rev: str, path: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(repo), "show", f"{rev}:{path}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
 
 
 def _grep(repo: Path, rev: str, pattern: str, path: str) -> str:
@@ -456,13 +448,13 @@ def test_backend_rules_match_the_driver_code(version):
     the API server (backend/src/v2/compiler/argocompiler/container.go ``protojson.Unmarshal``),
     and the timeout copied into the pod (``podSpec.ActiveDeadlineSeconds = &timeout``)."""
     target = kfp_versions.backend(version)
-    driver = _show(KFP_MIRROR, version, "backend/src/v2/driver/driver.go")
+    driver = show(KFP_MIRROR, version, "backend/src/v2/driver/driver.go")
     assert ("GetResourceCount()" in driver) == target.resource_placeholders
     optional = _grep(KFP_MIRROR, version, "secretAsEnv.Optional", "backend/src/v2/driver/")
     assert bool(optional) == target.optional_env_sources
-    main = _show(KFP_MIRROR, version, "backend/src/v2/cmd/driver/main.go")
+    main = show(KFP_MIRROR, version, "backend/src/v2/cmd/driver/main.go")
     strict_driver = "jsonpb.UnmarshalString(*k8sExecConfigJson" in main
-    container = _show(KFP_MIRROR, version, "backend/src/v2/compiler/argocompiler/container.go")
+    container = show(KFP_MIRROR, version, "backend/src/v2/compiler/argocompiler/container.go")
     strict_server = (
         "protojson.Unmarshal([]byte((*kubernetesConfigParam.Value)), k8sExecCfg); err != nil"
         in container
@@ -481,12 +473,12 @@ def test_the_driver_resolution_rule_we_ported():
     backend/src/v2/driver/resolve.go and util.go, tag 2.17.0), and upstream's own
     resource-parameter test pipeline passes ``accelerator_limit: str`` (test_data/
     sdk_compiled_pipelines/valid/pipeline_with_string_machine_fields_pipeline_input.py, 2.17.0)."""
-    resolve = _show(KFP_MIRROR, "2.17.0", "backend/src/v2/driver/resolve.go")
+    resolve = show(KFP_MIRROR, "2.17.0", "backend/src/v2/driver/resolve.go")
     body = resolve.split("func resolvePodSpecInputRuntimeParameter(", 1)[1].split("\n}\n", 1)[0]
     assert "return val.GetStringValue(), nil" in body
-    util = _show(KFP_MIRROR, "2.17.0", "backend/src/v2/driver/util.go")
+    util = show(KFP_MIRROR, "2.17.0", "backend/src/v2/driver/util.go")
     assert f"inputPipelineChannelPattern = `{_CHANNEL.pattern}`" in util
-    sample = _show(
+    sample = show(
         KFP_MIRROR,
         "2.17.0",
         "test_data/sdk_compiled_pipelines/valid/pipeline_with_string_machine_fields_pipeline_input.py",
@@ -501,5 +493,5 @@ def test_argo_merges_the_drivers_pod_spec_patch_into_the_pod(tag):
     activeDeadlineSeconds and the GPU limit) to the pod by a strategic merge patch
     (argoproj/argo-workflows workflow/controller/workflowpod.go createWorkflowPod; v3.4.17 is
     KFP 2.4's Argo, v3.7.x KFP 2.15's)."""
-    source = _show(ARGO_MIRROR, tag, "workflow/controller/workflowpod.go")
+    source = show(ARGO_MIRROR, tag, "workflow/controller/workflowpod.go")
     assert "strategicpatch.StrategicMergePatch(" in source and "tmpl.PodSpecPatch" in source
