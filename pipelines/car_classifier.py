@@ -285,9 +285,14 @@ def stage_timeout_seconds(config: RunConfig, stage: StageConfig, options: Cluste
     return min(MAX_TIMEOUT_SECONDS, setup + math.ceil(stage_work(config, stage) * epoch))
 
 
-def _common(task: PipelineTask, options: ClusterOptions, resources: Resources) -> PipelineTask:
-    """Resources, retries, the short timeout and the GCS credentials, for every task (a stage's
-    timeout is set again from its epochs)."""
+def _common(
+    task: PipelineTask,
+    options: ClusterOptions,
+    resources: Resources,
+    timeout_seconds: int | None = None,
+) -> PipelineTask:
+    """Resources, retries, the timeout (``timeout_seconds``, else the short
+    ``options.task_timeout``) and the GCS credentials, for every task."""
     task.set_cpu_request(resources.cpu_request).set_cpu_limit(resources.cpu_limit)
     task.set_memory_request(resources.memory_request).set_memory_limit(resources.memory_limit)
     task.set_retry(
@@ -301,7 +306,9 @@ def _common(task: PipelineTask, options: ClusterOptions, resources: Resources) -
     )
     task.set_env_variable(GCS_KEY_FILE_ENV, f"{options.gcs_key_dir}/key.json")
     task.set_env_variable("PYTHONUNBUFFERED", "1")
-    kubernetes.set_timeout(task, duration_seconds(options.task_timeout, "task_timeout"))
+    if timeout_seconds is None:
+        timeout_seconds = duration_seconds(options.task_timeout, "task_timeout")
+    kubernetes.set_timeout(task, timeout_seconds)
     if options.run_as_user is not None:
         kubernetes.set_security_context(
             task,
@@ -313,10 +320,14 @@ def _common(task: PipelineTask, options: ClusterOptions, resources: Resources) -
 
 
 def _on_gpu(
-    task: PipelineTask, options: ClusterOptions, gpu_type: object, gpu_count: object
+    task: PipelineTask,
+    options: ClusterOptions,
+    gpu_type: object,
+    gpu_count: object,
+    timeout_seconds: int | None = None,
 ) -> PipelineTask:
     """Request the GPUs (from pipeline parameters) and schedule on the GPU node pool."""
-    _common(task, options, options.gpu_resources)
+    _common(task, options, options.gpu_resources, timeout_seconds)
     task.set_accelerator_type(gpu_type).set_accelerator_limit(gpu_count)
     for key, value in options.gpu_node_selector.items():
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
@@ -410,8 +421,8 @@ def build_pipeline(
                 run_key=run_key,
                 **init,
             ).set_display_name(stage_display_name(stage))
-            _on_gpu(task, options, gpu_type, gpu_count).set_caching_options(True)
-            kubernetes.set_timeout(task, stage_timeout_seconds(config, stage, options))
+            timeout = stage_timeout_seconds(config, stage, options)
+            _on_gpu(task, options, gpu_type, gpu_count, timeout).set_caching_options(True)
             tasks.append(task)
             if previous is None:
                 task.after(eda)  # no GPU time before the data passed validation and EDA
