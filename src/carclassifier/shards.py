@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from carclassifier.errors import DatasetError
+from carclassifier.storage import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -113,21 +114,13 @@ def write_shards(
                 else:
                     with open(path, "rb") as handle:
                         tar.addfile(info, handle)
-        shards.append(Shard(name, len(group), (out / name).stat().st_size, _sha256(out / name)))
+        shards.append(Shard(name, len(group), (out / name).stat().st_size, sha256_file(out / name)))
     index = {"format": FORMAT, "shards": [asdict(s) for s in shards]}
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     log.info("packed %d entries of %s into %d shard(s) in %s (%.1f MB)",
              sum(s.members for s in shards), ", ".join(folders), len(shards), out,
              sum(s.bytes for s in shards) / 2**20)  # fmt: skip
     return shards
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_index(shard_dir: str | os.PathLike[str]) -> list[Shard]:
@@ -151,7 +144,7 @@ def read_index(shard_dir: str | os.PathLike[str]) -> list[Shard]:
 
 def index_digest(shard_dir: str | os.PathLike[str]) -> str:
     """SHA-256 of ``index.json``: one value that names the exact images of a shard set."""
-    return _sha256(Path(shard_dir) / INDEX_FILE)
+    return sha256_file(Path(shard_dir) / INDEX_FILE)
 
 
 class _HashingReader(io.RawIOBase):
