@@ -43,10 +43,9 @@ import kfp
 import yaml
 from kfp import compiler, dsl, kubernetes
 from kfp.dsl import PipelineTask
+from kubernetes.utils import parse_quantity
 
 from carclassifier.config import (
-    MAX_IMAGE_SIZE,
-    SIZE_MULTIPLE,
     RunConfig,
     StageConfig,
     check_location,
@@ -61,86 +60,47 @@ from pipelines import kfp_versions
 log = logging.getLogger(__name__)
 
 DEFAULT_GPU_TYPE = "nvidia.com/gpu"
-"""The accelerator type kfp puts in the pod's resource limits. On Kubeflow Pipelines (Argo
-backend) it is the Kubernetes resource name: ``nvidia.com/gpu``; on Vertex AI Pipelines a
-machine accelerator such as ``NVIDIA_TESLA_T4`` or ``NVIDIA_L4``."""
+"""The accelerator type kfp puts in the pod's resource limits: the Kubernetes resource name on
+Kubeflow Pipelines, a machine accelerator such as ``NVIDIA_L4`` on Vertex AI Pipelines."""
 MAX_GPUS = 16
-"""Most GPUs one pod can get: the largest GPU machines (a2-megagpu-16g) have 16; a pod asking
-for more than any node has stays Pending forever."""
+"""Most GPUs one pod can get (a2-megagpu-16g); a pod asking for more stays Pending forever."""
 REFERENCE_IMAGE_SIZE = 224
-"""Image size at which `ClusterOptions.epoch_timeout` applies; an epoch at size *s* gets
+"""Image size at which `ClusterOptions.epoch_timeout` applies; at size *s* an epoch gets
 (*s*/224)² of it (the work per image grows with the pixels)."""
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
-"""Longest task timeout accepted (a week)."""
 RUN_AS_USER = 10001
 """The trainer image's non-root uid/gid (docker/trainer.Dockerfile ``USER``)."""
 
-# Kubernetes name syntax (k8s.io/apimachinery validation): label keys and values, DNS-1123
-# names, quantities, and extended resource names (``domain/name``, e.g. ``nvidia.com/gpu``).
-_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
-_DNS_SUBDOMAIN = re.compile(rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$")
-_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
-_QUANTITY = re.compile(r"^\d+(\.\d+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
-_DURATION = re.compile(r"^\d+(\.\d+)?(ms|s|m|h)$")
-_VERTEX_ACCELERATOR = re.compile(r"^[A-Z][A-Z0-9_]{1,63}$")
-_QUANTITY_SCALE = {"m": 1e-3, "": 1.0, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15,
-                   "E": 1e18, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
-                   "Ei": 2**60}  # fmt: skip
-
-
-def _label_key_ok(key: str) -> bool:
-    prefix, slash, name = key.rpartition("/")
-    if slash and not (len(prefix) <= 253 and _DNS_SUBDOMAIN.match(prefix)):
-        return False
-    return len(name) <= 63 and bool(_LABEL_NAME.match(name))
-
-
-def _label_value_ok(value: str) -> bool:
-    return value == "" or (len(value) <= 63 and bool(_LABEL_NAME.match(value)))
-
-
-def _quantity(text: str, what: str) -> float:
-    match = _QUANTITY.match(text)
-    if not match:
-        raise ConfigError(f"{what} {text!r} is not a Kubernetes quantity (e.g. 2, 500m, 8Gi)")
-    return (
-        float(text[: len(text) - len(match.group(2) or "")]) * _QUANTITY_SCALE[match.group(2) or ""]
-    )
+# An extended resource name (k8s.io/apimachinery IsQualifiedName with a domain; not one of
+# kubernetes.io) or a Vertex AI accelerator.
+_GPU_TYPE = re.compile(
+    r"(?!(?:[^/]*\.)?kubernetes\.io/)[a-z0-9]([-a-z0-9.]*[a-z0-9])?\.[a-z]+/"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?|[A-Z][A-Z0-9_]{1,63}"
+)
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(s|m|h)")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
 
 
 def check_gpu_type(value: object) -> str:
     """An accelerator type: a Kubernetes extended resource name (``nvidia.com/gpu``,
-    ``amd.com/gpu``, ``nvidia.com/mig-1g.5gb``) or a Vertex AI accelerator (``NVIDIA_L4``)."""
-    text = str(value) if isinstance(value, str) else ""
-    prefix, slash, name = text.partition("/")
-    extended = (
-        slash
-        and "." in prefix
-        and not prefix.endswith("kubernetes.io")
-        and len(prefix) <= 253
-        and _DNS_SUBDOMAIN.match(prefix)
-        and len(name) <= 63
-        and _LABEL_NAME.match(name)
-    )
-    if not (extended or _VERTEX_ACCELERATOR.match(text)):
+    ``nvidia.com/mig-1g.5gb``) or a Vertex AI accelerator (``NVIDIA_L4``)."""
+    if not (isinstance(value, str) and _GPU_TYPE.fullmatch(value)):
         raise ConfigError(
             f"gpu_type {value!r} is not an accelerator type: use a Kubernetes extended resource "
             "name such as nvidia.com/gpu (Kubeflow) or a Vertex AI accelerator such as NVIDIA_L4"
         )
-    return text
+    return value
 
 
 def check_gpu_count(value: object) -> str:
-    """A GPU count as the pipeline parameter takes it: a string of a whole number, "0" (no GPU)
-    up to `MAX_GPUS` (the KFP driver reads pod-spec placeholders as strings only)."""
+    """A GPU count as the pipeline parameter takes it: a whole number as text, "0" (no GPU) to
+    `MAX_GPUS` (the KFP driver reads pod-spec placeholders as strings only)."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         raise ConfigError(
             f"gpu_count {value!r} is a number, but the KFP driver reads GPU counts only as "
             f"strings (a number gives no GPU): pass it as text, e.g. gpu_count='{value}'"
         )
-    if not (isinstance(value, str) and value.isascii() and value.isdigit()) or not (
-        0 <= int(value) <= MAX_GPUS
-    ):
+    if not (isinstance(value, str) and value.isascii() and value.isdigit()) or int(value) > MAX_GPUS:
         raise ConfigError(
             f"gpu_count {value!r} must be a whole number from 0 to {MAX_GPUS} as text (Kubernetes "
             "requests GPUs in whole units; no node has more than 16)"
@@ -150,11 +110,10 @@ def check_gpu_count(value: object) -> str:
 
 def duration_seconds(text: str, what: str) -> int:
     """Seconds of a duration like ``90s``, ``30m``, ``2h`` (at least 1 s, at most a week)."""
-    if not isinstance(text, str) or not _DURATION.match(text):
+    match = _DURATION.fullmatch(text) if isinstance(text, str) else None
+    if not match:
         raise ConfigError(f"{what} {text!r} is not a duration like 60s, 30m or 2h")
-    scale = {"ms": 1e-3, "s": 1, "m": 60, "h": 3600}
-    unit = "ms" if text.endswith("ms") else text[-1]
-    seconds = math.ceil(float(text[: -len(unit)]) * scale[unit])
+    seconds = math.ceil(float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
     if not 1 <= seconds <= MAX_TIMEOUT_SECONDS:
         raise ConfigError(f"{what} {text} must be from 1s to {MAX_TIMEOUT_SECONDS // 3600}h")
     return seconds
@@ -174,7 +133,9 @@ class Resources:
 class ClusterOptions:
     """Where and how the tasks run on the cluster; compiled into the pipeline.
 
-    ``kfp.local`` ignores all of this except the retry policy.
+    ``kfp.local`` ignores all of this except the retry policy. Names (labels, taint, secrets)
+    are checked by the Kubernetes API server (``make preflight`` lists the GPU nodes by these
+    labels), quantities by kfp when the pipeline is built.
     """
 
     gpu_node_selector: dict[str, str] = field(
@@ -201,9 +162,8 @@ class ClusterOptions:
     """Argo's backoff.maxDuration, counted from the first attempt's start: a day, so a stage
     preempted after hours of training is still retried (kfp's default 3600s would not)."""
     run_as_user: int | None = RUN_AS_USER
-    """uid of every container (with ``runAsNonRoot``); None leaves the security context unset.
-    Compiling for a KFP backend before 2.16.0 (``kfp_version``) leaves it out anyway: its proto
-    has no ``securityContext`` (docs/kfp-backend.md)."""
+    """uid of every container (with ``runAsNonRoot``); None leaves the security context unset
+    (and so does a KFP backend before 2.16.0, whose proto has no ``securityContext``)."""
     run_as_group: int | None = RUN_AS_USER
     gpu_type: str = DEFAULT_GPU_TYPE
     """Default of the ``gpu_type`` parameter (compiled in where the backend cannot resolve it)."""
@@ -211,51 +171,38 @@ class ClusterOptions:
     """Default of the ``gpu_count`` parameter, as text (likewise)."""
     epoch_timeout: str = "15m"
     """Time budget of one training epoch at `REFERENCE_IMAGE_SIZE` px; a stage may run
-    ``stage_setup_timeout + epochs x epoch_timeout x (size/224)²`` before it is stopped. The
-    default is ~6x what a T4 needs for EfficientNet-B6 (docs/performance.md), and far less than
-    the same epoch on CPUs takes (a task that lost its GPU is stopped)."""
+    ``stage_setup_timeout + epochs x epoch_timeout x (size/224)²``: ~6x what a T4 needs for
+    EfficientNet-B6 (docs/performance.md), far less than the same epoch on CPUs (a task that
+    lost its GPU is stopped)."""
     stage_setup_timeout: str = "30m"
     """Per stage, for pulling the image, loading the data and the checkpoints."""
     task_timeout: str = "1h"
     """Every other task (prepare, EDA, evaluate, predict, export, gate)."""
 
     def check(self) -> None:
-        """Raise `ConfigError` for a setting Kubernetes or Argo would reject at run time."""
-        for key, value in self.gpu_node_selector.items():
-            if not _label_key_ok(key) or not _label_value_ok(value):
-                raise ConfigError(f"GPU node label {key}={value} is not a valid Kubernetes label")
-        if not _label_key_ok(self.gpu_toleration_key):
-            raise ConfigError(
-                f"toleration key {self.gpu_toleration_key!r} is not a valid taint key"
-            )
+        """Raise `ConfigError` for a setting Argo or the pod spec would reject at run time."""
         for resources in (self.gpu_resources, self.cpu_resources):
             for kind in ("cpu", "memory"):
-                request = _quantity(getattr(resources, f"{kind}_request"), f"{kind} request")
-                limit = _quantity(getattr(resources, f"{kind}_limit"), f"{kind} limit")
-                if not 0 < request <= limit:
+                request, limit = (getattr(resources, f"{kind}_{e}") for e in ("request", "limit"))
+                try:
+                    ok = 0 < parse_quantity(request) <= parse_quantity(limit)
+                except ValueError:
                     raise ConfigError(
-                        f"{kind} request {getattr(resources, f'{kind}_request')} must be positive "
-                        f"and at most the limit {getattr(resources, f'{kind}_limit')}"
+                        f"{kind} {request}/{limit} is not a Kubernetes quantity (e.g. 2, 500m, 8Gi)"
+                    ) from None
+                if not ok:
+                    raise ConfigError(
+                        f"{kind} request {request} must be positive and at most the limit {limit}"
                     )
-        for secret in (self.kaggle_secret, self.gcs_secret):
-            if not (len(secret) <= 253 and _DNS_SUBDOMAIN.match(secret)):
-                raise ConfigError(f"secret name {secret!r} is not a DNS-1123 name")
-        if not self.gcs_key_dir.startswith("/"):
-            raise ConfigError(f"gcs_key_dir {self.gcs_key_dir!r} must be an absolute path")
-        if not 0 <= self.retries <= 10:
-            raise ConfigError(f"retries {self.retries} must be between 0 and 10")
-        for name in ("backoff_duration", "backoff_max_duration"):
-            if not _DURATION.match(getattr(self, name)):
-                raise ConfigError(f"{name} {getattr(self, name)!r} is not a duration like 60s")
-        if not (math.isfinite(self.backoff_factor) and self.backoff_factor >= 1):
-            raise ConfigError(f"backoff_factor {self.backoff_factor} must be at least 1")
         for name in ("run_as_user", "run_as_group"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not 0 < value < 2**31):
                 raise ConfigError(f"{name} {value!r} must be a non-root id (1 to 2147483647)")
         check_gpu_type(self.gpu_type)
         check_gpu_count(self.gpu_count)
-        for name in ("epoch_timeout", "stage_setup_timeout", "task_timeout"):
+        names = ("backoff_duration", "backoff_max_duration", "epoch_timeout",
+                 "stage_setup_timeout", "task_timeout")  # fmt: skip
+        for name in names:
             duration_seconds(getattr(self, name), name)
 
 
@@ -478,9 +425,12 @@ def build_pipeline(
             parameters=list(signature.parameters.values())[:-2]
         )
     description = f"Staged fine-tuning of {config.model.backbone} ({config.name}): {summary}."
-    pipeline = dsl.pipeline(
-        name=pipeline_name(config), description=kfp_versions.stamp(description, kfp_version)
-    )(car_classifier)
+    try:
+        pipeline = dsl.pipeline(
+            name=pipeline_name(config), description=kfp_versions.stamp(description, kfp_version)
+        )(car_classifier)
+    except ValueError as exc:  # kfp's own checks of the task settings (quantities, ...)
+        raise ConfigError(f"kfp refused the cluster options: {exc}") from None
     if not target.resource_placeholders:
         fixed = f"{options.gpu_count} x {options.gpu_type}"
         lost[f"the gpu_type/gpu_count parameters (compiled in: {fixed})"] = 1
@@ -516,103 +466,63 @@ def compile_pipeline(
     return out
 
 
-PARAMETERS = (
-    "data_source", "overrides", "backbone", "image_size", "checkpoint_root", "champion_pointer",
-    "min_improvement", "gpu_type", "gpu_count",
-)  # fmt: skip
-"""The pipeline's run-time parameters (the arguments of the ``car_classifier`` function; the
-last two only where the backend resolves resource placeholders, from KFP 2.4.0 on)."""
-
-
-def _uri(value: object, name: str, object_required: bool, on_cluster: bool) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{name} {value!r} must be a string")
-    if value == "":
-        return value
+def _uri(args: Mapping[str, Any], name: str, object_required: bool, on_cluster: bool) -> None:
+    value = args.get(name, "")
+    if value == "" or (name == "data_source" and value == "kaggle"):
+        return
     try:
-        check_location(value, name, object_required=object_required)
+        check_location(str(value), name, object_required=object_required)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if on_cluster and not value.startswith("gs://"):
+    if on_cluster and not str(value).startswith("gs://"):
         raise ConfigError(
             f"{name} {value!r}: on a cluster it must be a gs://BUCKET/PATH URI (a local path "
             "would be inside one pod and lost with it)"
         )
-    return value
 
 
 def check_arguments(
     arguments: Mapping[str, Any],
-    recipe: str | None = None,
-    stage_names: Sequence[str] | None = None,
+    recipe: str,
+    stage_names: Sequence[str] | None,
     on_cluster: bool = True,
 ) -> dict[str, Any]:
     """Check a run's pipeline parameters before it starts; raise `ConfigError` naming the
-    parameter. Only names of `PARAMETERS` are checked; absent ones keep their defaults.
+    parameter (absent ones keep their defaults).
 
-    With the compiled ``recipe`` (YAML text) the overrides, ``backbone`` and ``image_size`` are
-    applied to it exactly as the prepare task will (so a typo fails here, not in a pod), and
-    with ``stage_names`` the overrides may not change the stage list. ``on_cluster``: storage
-    locations must be gs:// (a kfp.local run may use local folders).
+    The overrides, ``backbone`` and ``image_size`` are applied to the compiled ``recipe`` (YAML
+    text) exactly as the prepare task will (`carclassifier.steps.resolve_config`: a typo fails
+    here, not in a pod; the stage list must stay ``stage_names``), and no stage may get more
+    work than its task timeout was compiled for. ``on_cluster``: storage locations must be
+    gs:// (a kfp.local run may use local folders; a data source may be a folder in the image).
     """
+    from carclassifier.steps import resolve_config
+
     args = dict(arguments)
-    if "data_source" in args:
-        source = args["data_source"]
-        if source not in ("", "kaggle"):
-            _uri(source, "data_source", True, False)  # a folder in the image is allowed
-    overrides = args.get("overrides", [])
-    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-        raise ConfigError(f"overrides {overrides!r} must be a list of KEY=VALUE strings")
-    backbone = args.get("backbone", "")
-    if not isinstance(backbone, str):
-        raise ConfigError(f"backbone {backbone!r} must be a string ('' keeps the recipe's)")
-    image_size = args.get("image_size", 0)
-    if (
-        isinstance(image_size, bool)
-        or not isinstance(image_size, int)
-        or not (image_size == 0 or SIZE_MULTIPLE <= image_size <= MAX_IMAGE_SIZE)
-        or image_size % SIZE_MULTIPLE
-    ):
-        raise ConfigError(
-            f"image_size {image_size!r} must be 0 (the recipe's) or a multiple of {SIZE_MULTIPLE} "
-            f"from {SIZE_MULTIPLE} to {MAX_IMAGE_SIZE}"
-        )
+    _uri(args, "data_source", True, False)
+    _uri(args, "checkpoint_root", False, on_cluster)
+    _uri(args, "champion_pointer", True, on_cluster)
     if "gpu_type" in args:
         check_gpu_type(args["gpu_type"])
     if "gpu_count" in args:
         check_gpu_count(args["gpu_count"])
-    if "checkpoint_root" in args:
-        _uri(args["checkpoint_root"], "checkpoint_root", False, on_cluster)
-    if "champion_pointer" in args:
-        _uri(args["champion_pointer"], "champion_pointer", True, on_cluster)
-    if "min_improvement" in args:
-        margin = args["min_improvement"]
-        if (
-            isinstance(margin, bool)
-            or not isinstance(margin, int | float)
-            or not (math.isfinite(margin) and 0 <= margin <= 1)
-        ):
-            raise ConfigError(f"min_improvement {margin!r} must be a number from 0 to 1")
-    if recipe is not None:
-        from carclassifier.backbones import get_backbone
-        from carclassifier.steps import resolve_config
-
-        config = resolve_config(recipe, overrides, backbone, image_size)
-        get_backbone(config.model.backbone)
-        names = [stage.name for stage in config.stages]
-        if stage_names is not None and names != list(stage_names):
+    margin = args.get("min_improvement", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin <= 1:
+        raise ConfigError(f"min_improvement {margin!r} must be a number from 0 to 1")
+    overrides = args.get("overrides", [])
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"overrides {overrides!r} must be a list of KEY=VALUE strings")
+    config = resolve_config(
+        recipe, overrides, args.get("backbone", ""), args.get("image_size", 0), stage_names
+    )
+    compiled = resolve_config(recipe)
+    for stage, before in zip(config.stages, compiled.stages, strict=True):
+        if stage_work(config, stage) > stage_work(compiled, before) + 1e-9:
             raise ConfigError(
-                f"the overrides make the stages {names}, but this pipeline was compiled for "
-                f"{list(stage_names)}; compile it from the changed recipe"
+                f"{stage.name}: the overrides make it {stage.epochs} epochs at "
+                f"{stage.image_size or config.input.image_size} px, more work than its task "
+                "timeout was compiled for; compile the pipeline from the changed recipe"
             )
-        compiled = resolve_config(recipe)
-        for stage, before in zip(config.stages, compiled.stages, strict=False):
-            if stage_work(config, stage) > stage_work(compiled, before) + 1e-9:
-                raise ConfigError(
-                    f"{stage.name}: the overrides make it {stage.epochs} epochs at "
-                    f"{stage.image_size or config.input.image_size} px, more work than its task "
-                    "timeout was compiled for; compile the pipeline from the changed recipe"
-                )
     return args
 
 

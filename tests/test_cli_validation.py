@@ -252,8 +252,8 @@ BAD_ARGUMENTS = [
     ({"checkpoint_root": "s3://bucket/x"}, "only local paths and gs://"),
     ({"champion_pointer": "gs://my-bucket"}, "names a bucket but no object"),
     ({"data_source": "http://example.com/cars.zip"}, "only local paths and gs://"),
-    ({"image_size": 300}, "image_size 300 must be 0"),
-    ({"image_size": 4096}, "image_size 4096"),
+    ({"image_size": 300}, "input.image_size: 300 px is not a multiple of 32"),
+    ({"image_size": 4096}, "input.image_size: Input should be less than or equal to 2048"),
     ({"min_improvement": 2}, "min_improvement 2 must be a number from 0 to 1"),
     ({"min_improvement": float("nan")}, "min_improvement nan"),
     ({"overrides": "input.batch_size=8"}, "must be a list of KEY=VALUE strings"),
@@ -292,10 +292,13 @@ def test_bad_pipeline_arguments_fail_naming_the_parameter(arguments, expected):
 
 
 def test_a_local_run_may_use_local_folders():
+    from carclassifier.errors import CarClassifierError
     from pipelines.car_classifier import check_arguments
 
     local = {"checkpoint_root": "/tmp/ckpt", "champion_pointer": "/tmp/ckpt/champion.json"}
-    assert check_arguments(local, on_cluster=False) == local
+    assert check_arguments(local, *_recipe(), on_cluster=False) == local
+    with pytest.raises(CarClassifierError, match="on a cluster it must be a gs://"):
+        check_arguments(local, *_recipe())
 
 
 def test_submit_checks_parameters_before_any_network_call(compiled, capsys):
@@ -327,13 +330,9 @@ def test_submit_checks_parameters_before_any_network_call(compiled, capsys):
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        ({"gpu_node_selector": {"bad key!": "x"}}, "not a valid Kubernetes label"),
-        ({"gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia tesla"}}, "label"),
-        ({"gpu_toleration_key": "no spaces allowed"}, "taint key"),
-        ({"kaggle_secret": "Kaggle_Credentials"}, "DNS-1123"),
-        ({"gcs_key_dir": "relative/dir"}, "absolute path"),
-        ({"retries": -1}, "retries -1"),
         ({"backoff_duration": "a minute"}, "not a duration"),
+        ({"run_as_group": True}, "run_as_group True must be a non-root id"),
+        ({"gpu_type": "nvidia tesla t4"}, "not an accelerator type"),
         ({"run_as_user": 0}, "run_as_user 0 must be a non-root id"),
     ],
 )
@@ -345,9 +344,13 @@ def test_cluster_options_are_checked_when_the_pipeline_is_built(change, expected
 
     with pytest.raises(ConfigError, match=expected):
         build_pipeline(RECIPE, options=replace(ClusterOptions(), **change))
-    with pytest.raises(ConfigError, match="must be positive and at most the limit"):
+    with pytest.raises(ConfigError, match="cpu request 8 must be positive and at most the limit"):
         build_pipeline(
             RECIPE, options=ClusterOptions(cpu_resources=Resources("8", "1Gi", "4", "2Gi"))
+        )
+    with pytest.raises(ConfigError, match="memory request 20Gi must be positive and at most"):
+        build_pipeline(
+            RECIPE, options=ClusterOptions(gpu_resources=Resources("6", "20Gi", "8", "16Gi"))
         )
     with pytest.raises(ConfigError, match="not a Kubernetes quantity"):
         build_pipeline(
@@ -355,11 +358,11 @@ def test_cluster_options_are_checked_when_the_pipeline_is_built(change, expected
         )
 
 
-def test_compile_rejects_a_bad_node_label_in_one_line(tmp_path, capsys):
+def test_compile_rejects_a_bad_timeout_in_one_line(tmp_path, capsys):
     from pipelines.compile import main as compile_main
 
     args = ["--config", str(RECIPE), "--out", str(tmp_path / "p.yaml")]
-    assert compile_main([*args, "--gpu-node-label", "bad key!=x"]) == 2
+    assert compile_main([*args, "--epoch-timeout", "15"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: GPU node label bad key!=x") and "\n" not in err
+    assert err.startswith("error: epoch_timeout '15' is not a duration") and "\n" not in err
     assert not (tmp_path / "p.yaml").exists()

@@ -451,32 +451,34 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML config (or the defaults when ``path`` is None) and apply ``KEY=VALUE`` overrides."""
-    data: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        source = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError(f"config {path} is not UTF-8 text; save it as UTF-8 YAML") from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
-        except ValueError as exc:  # e.g. a NUL byte in the path
-            raise ConfigError(f"cannot read config {path!r}: {exc}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config {path} is not valid YAML: {_yaml_problem(exc)}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(
-                f"config {path} must be a mapping of sections, got {type(loaded).__name__}"
-            )
-        data = loaded
+    if path is None:
+        return parse_config("", overrides, "<defaults>")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not UTF-8 text; save it as UTF-8 YAML") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # e.g. a NUL byte in the path
+        raise ConfigError(f"cannot read config {path!r}: {exc}") from None
+    return parse_config(text, overrides, str(path))
+
+
+def parse_config(text: str, overrides: list[str] | None = None, source: str = "<text>") -> RunConfig:
+    """A config from YAML ``text`` (named ``source`` in errors) with ``KEY=VALUE`` overrides."""
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {source} is not valid YAML: {_yaml_problem(exc)}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"config {source} must be a mapping of sections, got {type(loaded).__name__}"
+        )
     for override in overrides or []:
-        _apply_override(data, override)
-    return config_from_dict(data, source)
+        _apply_override(loaded, override)
+    return config_from_dict(loaded, source)
 
 
 def dump_config(config: RunConfig) -> str:

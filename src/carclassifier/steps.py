@@ -49,7 +49,7 @@ from typing import Any, ParamSpec, TypeVar
 import pandas as pd
 
 from carclassifier import shards, storage
-from carclassifier.config import RunConfig, dump_config, load_config
+from carclassifier.config import RunConfig, dump_config, load_config, parse_config
 from carclassifier.eda import png_data_uri
 from carclassifier.errors import ConfigError, DatasetError
 from carclassifier.prepare import PreparedData, load_prepared
@@ -103,20 +103,33 @@ def _step(func: Callable[P, R]) -> Callable[P, R]:
 
 
 def resolve_config(
-    config_yaml: str, overrides: list[str] | None = None, backbone: str = "", image_size: int = 0
+    config_yaml: str,
+    overrides: list[str] | None = None,
+    backbone: str = "",
+    image_size: int = 0,
+    stage_names: list[str] | tuple[str, ...] | None = None,
 ) -> RunConfig:
     """The recipe YAML text with ``KEY=VALUE`` overrides applied, then the pipeline's
     ``backbone`` ("" = the recipe's) and ``image_size`` (0 = the recipe's ``input.image_size``;
-    stages with their own size keep it)."""
+    stages with their own size keep it). The backbone must be a registered one, and with
+    ``stage_names`` (the stages the pipeline graph was compiled for) the overrides may not
+    change the stage list: both fail here, before any download or GPU pod."""
+    from carclassifier.backbones import get_backbone
+
     extra = list(overrides or [])
     if backbone:
         extra.append(f"model.backbone={backbone}")
     if image_size:
         extra.append(f"input.image_size={int(image_size)}")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "recipe.yaml"
-        path.write_text(config_yaml, encoding="utf-8")
-        return load_config(path, extra)
+    config = parse_config(config_yaml, extra, "(the pipeline's recipe)")
+    get_backbone(config.model.backbone)
+    names = [stage.name for stage in config.stages]
+    if stage_names is not None and names != list(stage_names):
+        raise ConfigError(
+            f"the overrides make the stages {names}, but this pipeline was compiled for "
+            f"{list(stage_names)}; compile it from the changed recipe (python -m pipelines compile)"
+        )
+    return config
 
 
 def run_dir(checkpoint_root: str, run_key: str, config: RunConfig) -> str:
@@ -186,17 +199,9 @@ def prepare(
     ``stage_names``: the stages the pipeline graph was compiled for; overrides that change the
     stage list fail here, before any GPU pod starts. Returns the manifest.
     """
-    from carclassifier.backbones import get_backbone
     from carclassifier.prepare import prepare_data
 
-    config = resolve_config(config_yaml, overrides, backbone, image_size)
-    names = [stage.name for stage in config.stages]
-    if stage_names is not None and names != list(stage_names):
-        raise ConfigError(
-            f"the overrides make the stages {names}, but this pipeline was compiled for "
-            f"{list(stage_names)}; compile it from the changed recipe (python -m pipelines.compile)"
-        )
-    get_backbone(config.model.backbone)  # an unknown name fails before the download
+    config = resolve_config(config_yaml, overrides, backbone, image_size, stage_names)
     out = Path(dataset_dir)
     data = out / DATA_DIR
     data.mkdir(parents=True, exist_ok=True)
