@@ -100,7 +100,10 @@ def check_gpu_count(value: object) -> str:
             f"gpu_count {value!r} is a number, but the KFP driver reads GPU counts only as "
             f"strings (a number gives no GPU): pass it as text, e.g. gpu_count='{value}'"
         )
-    if not (isinstance(value, str) and value.isascii() and value.isdigit()) or int(value) > MAX_GPUS:
+    if (
+        not (isinstance(value, str) and value.isascii() and value.isdigit())
+        or int(value) > MAX_GPUS
+    ):
         raise ConfigError(
             f"gpu_count {value!r} must be a whole number from 0 to {MAX_GPUS} as text (Kubernetes "
             "requests GPUs in whole units; no node has more than 16)"

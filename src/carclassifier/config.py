@@ -464,7 +464,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return parse_config(text, overrides, str(path))
 
 
-def parse_config(text: str, overrides: list[str] | None = None, source: str = "<text>") -> RunConfig:
+def parse_config(
+    text: str, overrides: list[str] | None = None, source: str = "<text>"
+) -> RunConfig:
     """A config from YAML ``text`` (named ``source`` in errors) with ``KEY=VALUE`` overrides."""
     try:
         loaded = yaml.safe_load(text)

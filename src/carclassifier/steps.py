@@ -228,7 +228,7 @@ def prepare(
         "val_images": int(counts.get("val", 0)),
         "excluded_images": len(prepared.report.excluded),
         "test_dir": test_dir,
-        "stages": names,
+        "stages": [stage.name for stage in config.stages],
         "shards": len(packed),
         "shards_sha256": shards.index_digest(out / SHARD_DIR),
     }
