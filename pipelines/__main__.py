@@ -23,10 +23,10 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from carclassifier.errors import one_line
 from pipelines import compile as compile_cli
 from pipelines import preflight, submit
 from pipelines.kfp_api import describe_error
-from pipelines.package import one_line
 
 
 def run_local(args: argparse.Namespace) -> int:
@@ -72,6 +72,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     submit.add_commands(commands, environ)
     preflight.add_command(commands, environ)
     return parser
+
+
+def compile_main(argv: list[str]) -> int:
+    """``python -m pipelines compile ARGV...``; returns the exit status."""
+    return main(["compile", *argv], {})
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:

@@ -1,6 +1,6 @@
-"""Compile the pipeline of a recipe to kfp IR YAML.
+"""``python -m pipelines compile``: the pipeline of a recipe as kfp IR YAML.
 
-    python -m pipelines.compile --config configs/recipe_b6.yaml \
+    python -m pipelines compile --config configs/recipe_b6.yaml \
         --out pipelines/compiled/car_classifier.yaml [--image REGISTRY/trainer:TAG] \
         [--kfp-version 2.5.0]
 
@@ -31,7 +31,7 @@ def _label(text: str) -> tuple[str, str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The compile options (shared with ``python -m pipelines compile``)."""
+    """The options of ``python -m pipelines compile``."""
     parser.add_argument("--config", type=Path, required=True, help="recipe YAML")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}")
     parser.add_argument(
@@ -110,16 +110,3 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(out)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pipelines.compile``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pipelines.compile", description=__doc__.split("\n")[0]
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

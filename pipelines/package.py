@@ -17,21 +17,12 @@ from typing import Any
 
 import yaml
 
+from carclassifier.config import yaml_problem
 from pipelines import kfp_versions
 
 
 class SubmitError(Exception):
     """A failure the user can fix; its message is the one line printed after ``error:``."""
-
-
-def one_line(value: object, limit: int = 300) -> str:
-    """``value`` as text on one line, cut at ``limit`` characters."""
-    text = " ".join(str(value).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    return one_line(getattr(exc, "problem", None) or exc, 120)
 
 
 @dataclass(frozen=True)
@@ -73,7 +64,7 @@ def load_package(path: str | os.PathLike[str]) -> PipelinePackage:
         docs = list(yaml.safe_load_all(data))
     except yaml.YAMLError as exc:
         raise SubmitError(
-            f"pipeline package {package} is not valid YAML: {_yaml_problem(exc)}"
+            f"pipeline package {package} is not valid YAML: {yaml_problem(exc)}"
         ) from None
     spec = docs[0] if docs else None
     if not isinstance(spec, dict) or "root" not in spec or "pipelineInfo" not in spec:
@@ -155,7 +146,7 @@ def _yaml_value(key: str, text: str) -> Any:
         return yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError as exc:
         raise SubmitError(
-            f"bad --param {key}={text}: not a YAML value ({_yaml_problem(exc)})"
+            f"bad --param {key}={text}: not a YAML value ({yaml_problem(exc)})"
         ) from None
 
 

@@ -16,9 +16,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from carclassifier.errors import one_line
 from pipelines import cluster, kfp_versions
 from pipelines.kfp_api import KfpConnection, connect, describe_error, kfp_session
-from pipelines.package import PipelinePackage, SubmitError, load_package, one_line, run_parameters
+from pipelines.package import PipelinePackage, SubmitError, load_package, run_parameters
 from pipelines.submit import (
     _connection,
     connection_arguments,

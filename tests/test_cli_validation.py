@@ -359,7 +359,7 @@ def test_cluster_options_are_checked_when_the_pipeline_is_built(change, expected
 
 
 def test_compile_rejects_a_bad_timeout_in_one_line(tmp_path, capsys):
-    from pipelines.compile import main as compile_main
+    from pipelines.__main__ import compile_main
 
     args = ["--config", str(RECIPE), "--out", str(tmp_path / "p.yaml")]
     assert compile_main([*args, "--epoch-timeout", "15"]) == 2

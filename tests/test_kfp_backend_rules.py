@@ -19,8 +19,8 @@ import yaml
 from carclassifier.config import load_config
 from carclassifier.errors import ConfigError
 from pipelines import kfp_versions
+from pipelines.__main__ import compile_main
 from pipelines.car_classifier import ClusterOptions, compile_pipeline, stage_timeout_seconds
-from pipelines.compile import main as compile_main
 from tests.kfp_protos import MIRROR, show
 
 B6 = Path(__file__).parents[1] / "configs" / "recipe_b6.yaml"

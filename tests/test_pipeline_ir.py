@@ -9,7 +9,7 @@ from kfp import compiler
 
 from carclassifier.config import load_config
 from pipelines import ClusterOptions, build_pipeline, compile_pipeline
-from pipelines.compile import main as compile_main
+from pipelines.__main__ import compile_main
 
 B6 = Path(__file__).parents[1] / "configs" / "recipe_b6.yaml"
 IMAGE = "registry.example/carclassifier/trainer:test"

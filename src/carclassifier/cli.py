@@ -22,6 +22,7 @@ from carclassifier.errors import (
     CarClassifierError,
     ConfigError,
     StagePreempted,
+    one_line,
 )
 
 log = logging.getLogger("carclassifier")
@@ -281,12 +282,8 @@ class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one ``error:`` line and exit status 2."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"error: {self.prog}: {_one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        print(f"error: {self.prog}: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -414,15 +411,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(PREEMPTED_EXIT_CODE)
     except CarClassifierError as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except (ValidationError, YAMLError) as exc:
-        print(f"error: invalid configuration: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: invalid configuration: {one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:
         if exc.filename is None:
             raise  # not about a path the user named: a bug, keep the traceback
-        print(f"error: {exc.filename}: {exc.strerror or _one_line(exc)}", file=sys.stderr)
+        print(f"error: {exc.filename}: {exc.strerror or one_line(exc)}", file=sys.stderr)
         return 2
     return 0
 

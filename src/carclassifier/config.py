@@ -401,7 +401,7 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     return f"invalid config {source}: " + "; ".join(parts)
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
+def yaml_problem(exc: yaml.YAMLError) -> str:
     """A YAML error in one line: what is wrong and where."""
     problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc)
     mark = getattr(exc, "problem_mark", None)
@@ -417,7 +417,7 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(
-            f"override {override!r}: the value is not valid YAML ({_yaml_problem(exc)}); "
+            f"override {override!r}: the value is not valid YAML ({yaml_problem(exc)}); "
             "quote text values, e.g. data.root='my folder'"
         ) from None
     node: Any = data
@@ -471,7 +471,7 @@ def parse_config(
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config {source} is not valid YAML: {_yaml_problem(exc)}") from None
+        raise ConfigError(f"config {source} is not valid YAML: {yaml_problem(exc)}") from None
     if loaded is None:
         loaded = {}
     if not isinstance(loaded, dict):

@@ -5,6 +5,12 @@ bug and keeps its traceback.
 """
 
 
+def one_line(value: object, limit: int = 300) -> str:
+    """``value`` as text on one line (whitespace runs folded), cut at ``limit`` characters."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class CarClassifierError(Exception):
     """Base class of every error the user can fix."""
 
