@@ -33,6 +33,7 @@ from carclassifier.config import RunConfig
 from carclassifier.data import load_image
 from carclassifier.errors import DatasetError, StorageError
 from carclassifier.storage import is_gcs_uri
+from carclassifier.tta import tta_predict
 
 log = logging.getLogger(__name__)
 
@@ -144,20 +145,9 @@ def predict_views(
                     rows.append(i)
                     images.append(result)
             if images:
-                first = _forward(model, images)
-                total = first.copy()
-                # draws go image by image (views 1.. of an image in a row), whatever batch_size
-                augmented = [[tta(image=im)["image"] for _ in range(views - 1)] for im in images]
-                if views > 1 and augmented[0][0].shape != images[0].shape:
-                    raise ValueError(
-                        f"the tta transform returns {augmented[0][0].shape} images but the model "
-                        f"takes {images[0].shape}; build it for the model's size, e.g. "
-                        f"tta_transform(config.augment, {size[0]})"
-                    )
-                for v in range(views - 1):
-                    total += _forward(model, [a[v] for a in augmented])
+                first, mean = tta_predict(lambda batch: _forward(model, batch), images, tta, views)
                 plain[rows] = first
-                averaged[rows] = total / views
+                averaged[rows] = mean
             bar.update(len(chunk))
     if unreadable:
         log.warning("%d of %d images could not be read; their rows are NaN", unreadable, n)

@@ -48,6 +48,7 @@ from carclassifier.export import (
     read_labels,
 )
 from carclassifier.storage import download_tree, exists, get_file, is_gcs_uri, join
+from carclassifier.tta import tta_predict
 
 log = logging.getLogger(__name__)
 
@@ -305,14 +306,9 @@ class Predictor:
 
     def predict_tta(self, images: Sequence[np.ndarray], transform: Any, views: int) -> np.ndarray:
         """Mean probabilities over ``views`` views per image (view 0 the image itself, the others
-        ``transform(image=...)``), all ``N * views`` images in one forward pass."""
-        batch = [im for im in images]
-        for image in images:
-            batch += [transform(image=image)["image"] for _ in range(views - 1)]
-        probs = self.predict(batch)
-        n = len(images)
-        plain, augmented = probs[:n], probs[n:].reshape(n, views - 1, -1)
-        return (plain + augmented.sum(axis=1)) / views
+        ``transform(image=...)``), all ``N * views`` images in one forward pass
+        (`carclassifier.tta.tta_predict`)."""
+        return tta_predict(self.predict, images, transform, views)[1]
 
 
 def top_k(probs: np.ndarray, class_names: Sequence[str], k: int) -> list[list[dict[str, Any]]]:
