@@ -81,9 +81,13 @@ def _decode(path: str, size: tuple[int, int]) -> np.ndarray | str:
         return f"{type(exc).__name__}: {exc}"
 
 
-def _forward(model: Any, images: list[np.ndarray]) -> np.ndarray:
-    batch = np.stack(images).astype(np.float32)
-    return np.asarray(model.predict_on_batch(batch), dtype=np.float64)
+def _forward(model: Any, images: list[np.ndarray], batch_size: int) -> np.ndarray:
+    """Probabilities of ``images``, at most ``batch_size`` of them per model call (a TTA batch
+    holds ``views`` times as many images as the model should see at once)."""
+    parts = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    return np.concatenate(
+        [np.asarray(model.predict_on_batch(np.stack(part).astype(np.float32))) for part in parts]
+    ).astype(np.float64)
 
 
 def predict_views(
@@ -145,7 +149,9 @@ def predict_views(
                     rows.append(i)
                     images.append(result)
             if images:
-                first, mean = tta_predict(lambda batch: _forward(model, batch), images, tta, views)
+                first, mean = tta_predict(
+                    lambda batch: _forward(model, batch, batch_size), images, tta, views
+                )
                 plain[rows] = first
                 averaged[rows] = mean
             bar.update(len(chunk))
