@@ -471,13 +471,15 @@ def compile_pipeline(
 
 def _uri(args: Mapping[str, Any], name: str, object_required: bool, on_cluster: bool) -> None:
     value = args.get(name, "")
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} {value!r} must be a string")
     if value == "" or (name == "data_source" and value == "kaggle"):
         return
     try:
-        check_location(str(value), name, object_required=object_required)
+        check_location(value, name, object_required=object_required)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if on_cluster and not str(value).startswith("gs://"):
+    if on_cluster and not value.startswith("gs://"):
         raise ConfigError(
             f"{name} {value!r}: on a cluster it must be a gs://BUCKET/PATH URI (a local path "
             "would be inside one pod and lost with it)"
@@ -519,7 +521,7 @@ def check_arguments(
         recipe, overrides, args.get("backbone", ""), args.get("image_size", 0), stage_names
     )
     compiled = resolve_config(recipe)
-    for stage, before in zip(config.stages, compiled.stages, strict=True):
+    for stage, before in zip(config.stages, compiled.stages, strict=False):
         if stage_work(config, stage) > stage_work(compiled, before) + 1e-9:
             raise ConfigError(
                 f"{stage.name}: the overrides make it {stage.epochs} epochs at "

@@ -116,11 +116,15 @@ def resolve_config(
     change the stage list: both fail here, before any download or GPU pod."""
     from carclassifier.backbones import get_backbone
 
+    if not isinstance(backbone, str):
+        raise ConfigError(f"backbone {backbone!r} must be a string ('' keeps the recipe's)")
+    if isinstance(image_size, bool) or not isinstance(image_size, int):
+        raise ConfigError(f"image_size {image_size!r} must be a whole number (0: the recipe's)")
     extra = list(overrides or [])
     if backbone:
         extra.append(f"model.backbone={backbone}")
     if image_size:
-        extra.append(f"input.image_size={int(image_size)}")
+        extra.append(f"input.image_size={image_size}")
     config = parse_config(config_yaml, extra, "(the pipeline's recipe)")
     get_backbone(config.model.backbone)
     names = [stage.name for stage in config.stages]
