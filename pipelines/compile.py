@@ -21,6 +21,13 @@ from pipelines import kfp_versions
 from pipelines.car_classifier import ClusterOptions, compile_pipeline
 
 DEFAULT_OUT = Path("pipelines/compiled/car_classifier.yaml")
+_OPTION_FLAGS = (
+    ("gpu_type", "default of the gpu_type parameter, compiled in before KFP 2.4.0"),
+    ("gpu_count", "default of the gpu_count parameter, compiled in before KFP 2.4.0"),
+    ("epoch_timeout", "time budget per training epoch at 224 px, scaled by (size/224)^2"),
+    ("task_timeout", "timeout of every task but the stages"),
+)
+"""The `ClusterOptions` fields ``compile`` takes as ``--flag`` (defaults: the dataclass's)."""
 
 
 def _label(text: str) -> tuple[str, str]:
@@ -32,6 +39,7 @@ def _label(text: str) -> tuple[str, str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``python -m pipelines compile``."""
+    defaults = ClusterOptions()
     parser.add_argument("--config", type=Path, required=True, help="recipe YAML")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}")
     parser.add_argument(
@@ -50,10 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         metavar="KEY=VALUE",
         help="node selector of the GPU tasks (repeatable; default "
-        + ", ".join(f"{k}={v}" for k, v in ClusterOptions().gpu_node_selector.items())
+        + ", ".join(f"{k}={v}" for k, v in defaults.gpu_node_selector.items())
         + ")",
     )
-    defaults = ClusterOptions()
     parser.add_argument(
         "--kfp-version",
         choices=kfp_versions.SUPPORTED_VERSIONS,
@@ -63,37 +70,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         + ", ".join(kfp_versions.SUPPORTED_VERSIONS)
         + ")",
     )
-    parser.add_argument(
-        "--gpu-type",
-        default=defaults.gpu_type,
-        help="default of the gpu_type parameter (compiled in before KFP 2.4.0; %(default)s)",
-    )
-    parser.add_argument(
-        "--gpu-count",
-        default=defaults.gpu_count,
-        help="default of the gpu_count parameter (compiled in before KFP 2.4.0; %(default)s)",
-    )
-    parser.add_argument(
-        "--epoch-timeout",
-        default=defaults.epoch_timeout,
-        help="time budget per training epoch at 224 px, scaled by (size/224)^2 (%(default)s)",
-    )
-    parser.add_argument(
-        "--task-timeout",
-        default=defaults.task_timeout,
-        help="timeout of every task but the stages (%(default)s)",
-    )
+    for name, text in _OPTION_FLAGS:
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(
+            flag, default=getattr(defaults, name), help=f"{text}; default %(default)s"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
     """Compile as ``args`` say; print the output path."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    settings = {
-        "gpu_type": args.gpu_type,
-        "gpu_count": args.gpu_count,
-        "epoch_timeout": args.epoch_timeout,
-        "task_timeout": args.task_timeout,
-    }
+    settings = {name: getattr(args, name) for name, _ in _OPTION_FLAGS}
     if args.gpu_node_label:
         settings["gpu_node_selector"] = dict(args.gpu_node_label)
     try:
