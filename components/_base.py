@@ -12,8 +12,10 @@ from typing import Any
 from kfp import dsl
 from kfp.dsl.python_component import PythonComponent
 
+from carclassifier.kubeflow.cluster import PLACEHOLDER_IMAGE
+
 IMAGE_ENV = "CARCLASSIFIER_TRAINER_IMAGE"
-DEFAULT_IMAGE = "ghcr.io/carclassifier/trainer:0.1.0"
+DEFAULT_IMAGE = PLACEHOLDER_IMAGE  # no registry has it: submit refuses a package naming it
 TRAINER_IMAGE = os.environ.get(IMAGE_ENV) or DEFAULT_IMAGE
 """The image components run in: ``$CARCLASSIFIER_TRAINER_IMAGE`` or the default tag."""
 

@@ -13,8 +13,8 @@ the same component code as on the cluster; no GPU settings apply). Its outputs::
     <root>/checkpoints/<run key>/          stages, evaluation, export, submission.csv
     <root>/checkpoints/champion.json       the champion pointer
 
-The KFP commands end a failure with one ``error: ...`` line and exit status 2 (``--debug``
-shows the traceback instead).
+The KFP commands (`carclassifier.kubeflow.commands`) end a failure with one ``error: ...`` line
+and exit status 2 (``--debug`` shows the traceback instead).
 """
 
 import argparse
@@ -23,10 +23,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from carclassifier.errors import one_line
+from carclassifier.kubeflow import commands as kfp_commands
 from pipelines import compile as compile_cli
-from pipelines import preflight, submit
-from pipelines.kfp_api import describe_error
 
 
 def run_local(args: argparse.Namespace) -> int:
@@ -69,8 +67,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     local.add_argument("--checkpoint-root", help="default <root>/checkpoints (a folder or gs://)")
     local.add_argument("--no-cache", action="store_true", help="run every task again")
-    submit.add_commands(commands, environ)
-    preflight.add_command(commands, environ)
+    kfp_commands.add_commands(commands, environ)
     return parser
 
 
@@ -87,22 +84,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         return compile_cli.run(args)
     if args.command == "run-local":
         return run_local(args)
-    try:
-        if args.command == "preflight":
-            return preflight.run_command(args, environ, sys.stdout)
-        submit.run_command(args, environ, sys.stdout)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if args.debug:
-            raise
-        message = describe_error(exc, getattr(args, "host", None)) or (
-            f"unexpected {type(exc).__name__}: {one_line(exc)} (rerun with --debug)"
-        )
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    return 0
+    return kfp_commands.run(args, environ, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ timeout (a stage's from its epochs, see `stage_timeout_seconds`) and gets the GC
 the prepare task the Kaggle secret; every container runs as the image's non-root user with
 ``runAsNonRoot`` (kfp-kubernetes ``set_security_context``; the KFP driver also drops all
 capabilities). `ClusterOptions` holds these settings and is checked when the pipeline is built;
-`check_arguments` checks a run's parameters before it is submitted.
+`carclassifier.kubeflow.arguments.check_arguments` checks a run's parameters before it is submitted.
 
-The package is compiled for one KFP backend release (``kfp_version``, `pipelines.kfp_versions`):
+The package is compiled for one KFP backend release (``kfp_version``, `carclassifier.kubeflow.kfp_versions`):
 what that release cannot read is left out of the kubernetes config (one warning line says
 what), and where its driver cannot resolve resource placeholders (before 2.4.0) the GPU type and
 count are compiled in from `ClusterOptions` instead of being run parameters. Values that reach
@@ -34,10 +34,8 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import kfp
 import yaml
@@ -45,70 +43,29 @@ from kfp import compiler, dsl, kubernetes
 from kfp.dsl import PipelineTask
 from kubernetes.utils import parse_quantity
 
-from carclassifier.config import (
-    RunConfig,
-    StageConfig,
-    check_location,
-    dump_config,
-    load_config,
-)
+from carclassifier.config import RunConfig, StageConfig, dump_config, load_config
 from carclassifier.errors import ConfigError
+from carclassifier.kubeflow import kfp_versions
+from carclassifier.kubeflow.arguments import (
+    check_arguments,
+    check_gpu_count,
+    check_gpu_type,
+    stage_work,
+)
 from carclassifier.steps import GCS_KEY_FILE_ENV
 from components import TRAINER_IMAGE, trainer_components
-from pipelines import kfp_versions
 
 log = logging.getLogger(__name__)
 
 DEFAULT_GPU_TYPE = "nvidia.com/gpu"
 """The accelerator type kfp puts in the pod's resource limits: the Kubernetes resource name on
 Kubeflow Pipelines, a machine accelerator such as ``NVIDIA_L4`` on Vertex AI Pipelines."""
-MAX_GPUS = 16
-"""Most GPUs one pod can get (a2-megagpu-16g); a pod asking for more stays Pending forever."""
-REFERENCE_IMAGE_SIZE = 224
-"""Image size at which `ClusterOptions.epoch_timeout` applies; at size *s* an epoch gets
-(*s*/224)² of it (the work per image grows with the pixels)."""
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 RUN_AS_USER = 10001
 """The trainer image's non-root uid/gid (docker/trainer.Dockerfile ``USER``)."""
 
-# An extended resource name (k8s.io/apimachinery IsQualifiedName with a domain; not one of
-# kubernetes.io) or a Vertex AI accelerator.
-_GPU_TYPE = re.compile(
-    r"(?!(?:[^/]*\.)?kubernetes\.io/)[a-z0-9]([-a-z0-9.]*[a-z0-9])?\.[a-z]+/"
-    r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?|[A-Z][A-Z0-9_]{1,63}"
-)
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(s|m|h)")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600}
-
-
-def check_gpu_type(value: object) -> str:
-    """An accelerator type: a Kubernetes extended resource name (``nvidia.com/gpu``,
-    ``nvidia.com/mig-1g.5gb``) or a Vertex AI accelerator (``NVIDIA_L4``)."""
-    if not (isinstance(value, str) and _GPU_TYPE.fullmatch(value)):
-        raise ConfigError(
-            f"gpu_type {value!r} is not an accelerator type: use a Kubernetes extended resource "
-            "name such as nvidia.com/gpu (Kubeflow) or a Vertex AI accelerator such as NVIDIA_L4"
-        )
-    return value
-
-
-def check_gpu_count(value: object) -> str:
-    """A GPU count as the pipeline parameter takes it: a whole number as text, "0" (no GPU) to
-    `MAX_GPUS` (the KFP driver reads pod-spec placeholders as strings only)."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        raise ConfigError(
-            f"gpu_count {value!r} is a number, but the KFP driver reads GPU counts only as "
-            f"strings (a number gives no GPU): pass it as text, e.g. gpu_count='{value}'"
-        )
-    if (
-        not (isinstance(value, str) and value.isascii() and value.isdigit())
-        or int(value) > MAX_GPUS
-    ):
-        raise ConfigError(
-            f"gpu_count {value!r} must be a whole number from 0 to {MAX_GPUS} as text (Kubernetes "
-            "requests GPUs in whole units; no node has more than 16)"
-        )
-    return str(int(value))
 
 
 def duration_seconds(text: str, what: str) -> int:
@@ -173,7 +130,7 @@ class ClusterOptions:
     gpu_count: str = "1"
     """Default of the ``gpu_count`` parameter, as text (likewise)."""
     epoch_timeout: str = "15m"
-    """Time budget of one training epoch at `REFERENCE_IMAGE_SIZE` px; a stage may run
+    """Time budget of one training epoch at 224 px (`carclassifier.kubeflow.arguments.stage_work`); a stage may run
     ``stage_setup_timeout + epochs x epoch_timeout x (size/224)²``: ~6x what a T4 needs for
     EfficientNet-B6 (docs/performance.md), far less than the same epoch on CPUs (a task that
     lost its GPU is stopped)."""
@@ -219,12 +176,6 @@ def stage_display_name(stage: StageConfig) -> str:
     match = re.fullmatch(r"stage_(\d+(?:_\d+)*)", stage.name)
     title = f"Stage {match.group(1).replace('_', '.')}" if match else stage.name
     return f"{title} — {stage.description}" if stage.description else title
-
-
-def stage_work(config: RunConfig, stage: StageConfig) -> float:
-    """A stage's work in epochs at `REFERENCE_IMAGE_SIZE` px: ``epochs x (size/224)²``."""
-    size = stage.image_size or config.input.image_size
-    return stage.epochs * (size / REFERENCE_IMAGE_SIZE) ** 2
 
 
 def stage_timeout_seconds(config: RunConfig, stage: StageConfig, options: ClusterOptions) -> int:
@@ -467,68 +418,6 @@ def compile_pipeline(
     if problems:
         raise ConfigError(f"{out} would not run on KFP {kfp_version}: {problems[0]}")
     return out
-
-
-def _uri(args: Mapping[str, Any], name: str, object_required: bool, on_cluster: bool) -> None:
-    value = args.get(name, "")
-    if not isinstance(value, str):
-        raise ConfigError(f"{name} {value!r} must be a string")
-    if value == "" or (name == "data_source" and value == "kaggle"):
-        return
-    try:
-        check_location(value, name, object_required=object_required)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    if on_cluster and not value.startswith("gs://"):
-        raise ConfigError(
-            f"{name} {value!r}: on a cluster it must be a gs://BUCKET/PATH URI (a local path "
-            "would be inside one pod and lost with it)"
-        )
-
-
-def check_arguments(
-    arguments: Mapping[str, Any],
-    recipe: str,
-    stage_names: Sequence[str] | None,
-    on_cluster: bool = True,
-) -> dict[str, Any]:
-    """Check a run's pipeline parameters before it starts; raise `ConfigError` naming the
-    parameter (absent ones keep their defaults).
-
-    The overrides, ``backbone`` and ``image_size`` are applied to the compiled ``recipe`` (YAML
-    text) exactly as the prepare task will (`carclassifier.steps.resolve_config`: a typo fails
-    here, not in a pod; the stage list must stay ``stage_names``), and no stage may get more
-    work than its task timeout was compiled for. ``on_cluster``: storage locations must be
-    gs:// (a kfp.local run may use local folders; a data source may be a folder in the image).
-    """
-    from carclassifier.steps import resolve_config
-
-    args = dict(arguments)
-    _uri(args, "data_source", True, False)
-    _uri(args, "checkpoint_root", False, on_cluster)
-    _uri(args, "champion_pointer", True, on_cluster)
-    if "gpu_type" in args:
-        check_gpu_type(args["gpu_type"])
-    if "gpu_count" in args:
-        check_gpu_count(args["gpu_count"])
-    margin = args.get("min_improvement", 0.0)
-    if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin <= 1:
-        raise ConfigError(f"min_improvement {margin!r} must be a number from 0 to 1")
-    overrides = args.get("overrides", [])
-    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-        raise ConfigError(f"overrides {overrides!r} must be a list of KEY=VALUE strings")
-    config = resolve_config(
-        recipe, overrides, args.get("backbone", ""), args.get("image_size", 0), stage_names
-    )
-    compiled = resolve_config(recipe)
-    for stage, before in zip(config.stages, compiled.stages, strict=False):
-        if stage_work(config, stage) > stage_work(compiled, before) + 1e-9:
-            raise ConfigError(
-                f"{stage.name}: the overrides make it {stage.epochs} epochs at "
-                f"{stage.image_size or config.input.image_size} px, more work than its task "
-                "timeout was compiled for; compile the pipeline from the changed recipe"
-            )
-    return args
 
 
 def run_pipeline_local(

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from carclassifier.errors import CarClassifierError
+from carclassifier.kubeflow import kfp_versions
 from components import IMAGE_ENV, TRAINER_IMAGE
-from pipelines import kfp_versions
 from pipelines.car_classifier import ClusterOptions, compile_pipeline
 
 DEFAULT_OUT = Path("pipelines/compiled/car_classifier.yaml")

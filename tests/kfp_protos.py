@@ -5,7 +5,7 @@ Which proto a release's driver and API server were built with is in that tag's `
 ``github.com/kubeflow/pipelines/kubernetes_platform`` at a pseudo-version (2.2.0 ... 2.4.1: the
 proto at that commit) or ``replace ... => ./kubernetes_platform`` (2.5.0 on: the proto at the tag).
 
-    python -m tests.kfp_protos [MIRROR]   # rewrite pipelines/kfp_backend_fields.json
+    python -m tests.kfp_protos [MIRROR]   # rewrite src/carclassifier/kubeflow/kfp_backend_fields.json
 """
 
 import json
@@ -17,7 +17,7 @@ from pathlib import Path
 from proto_schema_parser import ast
 from proto_schema_parser.parser import Parser
 
-from pipelines.kfp_versions import FIELDS_FILE, SUPPORTED_VERSIONS
+from carclassifier.kubeflow.kfp_versions import FIELDS_FILE, SUPPORTED_VERSIONS
 
 MIRROR = Path("/work/.mirror/kubeflow+pipelines/repo")
 PROTO = "kubernetes_platform/proto/kubernetes_executor_config.proto"

@@ -276,7 +276,7 @@ def _recipe() -> tuple[str, list[str]]:
 
 @pytest.mark.parametrize("arguments", GOOD_ARGUMENTS, ids=lambda a: ",".join(a))
 def test_good_pipeline_arguments_pass(arguments):
-    from pipelines.car_classifier import check_arguments
+    from carclassifier.kubeflow.arguments import check_arguments
 
     assert check_arguments(arguments, *_recipe()) == arguments
 
@@ -284,7 +284,7 @@ def test_good_pipeline_arguments_pass(arguments):
 @pytest.mark.parametrize(("arguments", "expected"), BAD_ARGUMENTS, ids=lambda a: str(a)[:40])
 def test_bad_pipeline_arguments_fail_naming_the_parameter(arguments, expected):
     from carclassifier.errors import CarClassifierError
-    from pipelines.car_classifier import check_arguments
+    from carclassifier.kubeflow.arguments import check_arguments
 
     with pytest.raises(CarClassifierError, match=expected.replace("(", r"\(")) as caught:
         check_arguments(arguments, *_recipe())
@@ -293,7 +293,7 @@ def test_bad_pipeline_arguments_fail_naming_the_parameter(arguments, expected):
 
 def test_a_local_run_may_use_local_folders():
     from carclassifier.errors import CarClassifierError
-    from pipelines.car_classifier import check_arguments
+    from carclassifier.kubeflow.arguments import check_arguments
 
     local = {"checkpoint_root": "/tmp/ckpt", "champion_pointer": "/tmp/ckpt/champion.json"}
     assert check_arguments(local, *_recipe(), on_cluster=False) == local
@@ -302,9 +302,9 @@ def test_a_local_run_may_use_local_folders():
 
 
 def test_submit_checks_parameters_before_any_network_call(compiled, capsys):
-    from pipelines import package as submit
+    from carclassifier.kubeflow import package as submit
+    from carclassifier.kubeflow.arguments import check_arguments
     from pipelines.__main__ import main
-    from pipelines.car_classifier import check_arguments
 
     package = submit.load_package(compiled)
     assert package.recipe is not None and package.stage_names == tuple(_recipe()[1])

@@ -2,7 +2,7 @@
 ported or pinned from the upstream file, function and tag its docstring names.
 
 Tests marked ``mirror`` read a git mirror of kubeflow/pipelines (and argoproj/argo-workflows) and
-check that the data and rules in `pipelines.kfp_versions` still say what that code says; they
+check that the data and rules in `carclassifier.kubeflow.kfp_versions` still say what that code says; they
 are skipped where no mirror is (CI), the others use only the committed data.
 """
 
@@ -18,7 +18,7 @@ import yaml
 
 from carclassifier.config import load_config
 from carclassifier.errors import ConfigError
-from pipelines import kfp_versions
+from carclassifier.kubeflow import kfp_versions
 from pipelines.__main__ import compile_main
 from pipelines.car_classifier import ClusterOptions, compile_pipeline, stage_timeout_seconds
 from tests.kfp_protos import MIRROR, show

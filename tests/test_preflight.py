@@ -197,6 +197,35 @@ def test_a_ready_cluster_passes(
     assert list_names(root) == []  # the probe object is gone
 
 
+def test_carclassifier_preflight_runs_the_same_checks(
+    cluster: tuple[Replay, dict],
+    bucket: str,
+    compiled: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``carclassifier preflight`` (the library's command line) runs the checks of ``python -m
+    pipelines preflight``, with the same environment variables, and fails with status 1 when one
+    fails (here: the image is not in the registry)."""
+    from carclassifier.cli import main
+
+    server, environ = cluster
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PIPELINE_ROOT", f"gs://{bucket}/kfp")
+    package = _package(tmp_path, compiled, f"{server.netloc}/{IMAGE_PATH}:no-such-tag")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["preflight", "--package", str(package), "--param", "data_source=gs://b-data/cars"])
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert f"✔ Kubeflow Pipelines 2.17.0 at {server.url} (standalone)" in lines
+    assert any(
+        line.startswith(f"✘ image {server.netloc}/{IMAGE_PATH}:no-such-tag") for line in lines
+    )
+    assert lines[-1].endswith(", 1 failed"), lines
+
+
 def test_what_is_missing_is_named_with_what_to_do(
     cluster: tuple[Replay, dict], bucket: str, compiled: str, tmp_path: Path
 ) -> None:

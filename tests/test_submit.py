@@ -24,10 +24,10 @@ if str(REPO) not in sys.path:  # `pipelines` is a top-level folder of the repo, 
 
 from kfp_fake_server import FakeKfpServer, Recorded  # noqa: E402
 
+from carclassifier.kubeflow import cron as cron_module  # noqa: E402
+from carclassifier.kubeflow import kfp_api  # noqa: E402
+from carclassifier.kubeflow import package as pkg  # noqa: E402
 from pipelines import __main__ as cli  # noqa: E402
-from pipelines import cron as cron_module  # noqa: E402
-from pipelines import kfp_api  # noqa: E402
-from pipelines import package as pkg  # noqa: E402
 
 
 @dsl.component(base_image="python:3.11-slim")
@@ -740,7 +740,7 @@ def test_kaggle_data_is_refused_for_a_backend_without_optional_secrets(
     server: FakeKfpServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A package for KFP 2.2.0 leaves the optional Kaggle env secret out (``optional`` of
-    ``secretAsEnv`` is honoured from 2.15.0: pipelines/kfp_versions.py, from
+    ``secretAsEnv`` is honoured from 2.15.0: src/carclassifier/kubeflow/kfp_versions.py, from
     kubernetes_platform/proto/kubernetes_executor_config.proto at the tags), so prepare would
     find no credentials: data_source=kaggle is refused at submit, a gs:// source is not."""
     from pipelines.car_classifier import compile_pipeline

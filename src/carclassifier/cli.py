@@ -24,6 +24,7 @@ from carclassifier.errors import (
     StagePreempted,
     one_line,
 )
+from carclassifier.kubeflow import commands, preflight
 
 log = logging.getLogger("carclassifier")
 
@@ -218,7 +219,7 @@ _EXISTING_DIRS = ("data", "images")
 _EXISTING_FILES = ("config", "split", "sample_submission", "labels")
 _LOCAL_OUTPUTS = ("out", "export_dir", "dest", "output")
 _MODEL_INPUTS = ("init", "model")
-_UNCHECKED_COMMANDS = ("serve",)  # checks its own arguments (carclassifier.serving.config)
+_UNCHECKED_COMMANDS = ("serve", "preflight")  # check their own arguments (serving.config, kubeflow)
 
 
 def _flag(name: str) -> str:
@@ -384,7 +385,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-pixels", type=int, help="largest image decoded (default 40e6)")
     p.add_argument("--tta-views", type=int, help="views averaged with ?tta=1 (default 5)")
     p.set_defaults(func=cmd_serve)
+
+    preflight.add_command(sub, os.environ)
+    sub.choices["preflight"].set_defaults(func=cmd_preflight)
     return parser
+
+
+def cmd_preflight(args: argparse.Namespace) -> None:
+    """The same checks as ``python -m pipelines preflight`` (`carclassifier.kubeflow.preflight`)."""
+    status = commands.run(args, os.environ, sys.stdout)
+    if status:
+        raise SystemExit(status)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from carclassifier.errors import one_line
-from pipelines.package import PipelinePackage, SubmitError
+from carclassifier.kubeflow.package import PipelinePackage, SubmitError
 
 #: The KFP API of a standard install, as seen from a pod of the same cluster.
 IN_CLUSTER_HOST = "http://ml-pipeline.kubeflow.svc.cluster.local:8888"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from croniter import croniter
 
-from pipelines.package import SubmitError
+from carclassifier.kubeflow.package import SubmitError
 
 CRON_HINT = (
     'use 5 fields "minute hour day-of-month month day-of-week" (e.g. "0 3 * * 0": Sundays 03:00) '

@@ -17,10 +17,15 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from carclassifier.errors import one_line
-from pipelines import cluster, kfp_versions
-from pipelines.kfp_api import KfpConnection, connect, describe_error, kfp_session
-from pipelines.package import PipelinePackage, SubmitError, load_package, run_parameters
-from pipelines.submit import (
+from carclassifier.kubeflow import cluster, kfp_versions
+from carclassifier.kubeflow.kfp_api import KfpConnection, connect, describe_error, kfp_session
+from carclassifier.kubeflow.package import (
+    PipelinePackage,
+    SubmitError,
+    load_package,
+    run_parameters,
+)
+from carclassifier.kubeflow.submit import (
     _connection,
     connection_arguments,
     env,
@@ -122,7 +127,7 @@ def _try(check: Callable[[], Check | list[Check]], what: str) -> list[Check]:
 
 
 def check_ir(package: PipelinePackage, server_version: str) -> Check:
-    """The compiled IR parses for the server's KFP version (`pipelines.kfp_versions`)."""
+    """The compiled IR parses for the server's KFP version (`carclassifier.kubeflow.kfp_versions`)."""
     target = kfp_versions.target_version(package.spec)
     if not re.fullmatch(r"\d+\.\d+\.\d+", server_version):
         return Check(None, f"server version {server_version!r} unknown: IR compiled for {target}")

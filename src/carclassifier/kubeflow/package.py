@@ -18,7 +18,9 @@ from typing import Any
 import yaml
 
 from carclassifier.config import yaml_problem
-from pipelines import kfp_versions
+from carclassifier.kubeflow import kfp_versions
+from carclassifier.kubeflow.arguments import check_arguments
+from carclassifier.kubeflow.cluster import PLACEHOLDER_IMAGE
 
 
 class SubmitError(Exception):
@@ -204,11 +206,9 @@ def cluster_defaults(
     """
     if package.recipe is None:
         return dict(params)
-    from components import DEFAULT_IMAGE
-
-    if DEFAULT_IMAGE in package.images:
+    if PLACEHOLDER_IMAGE in package.images:
         raise SubmitError(
-            f"{package.path} was compiled with the placeholder image {DEFAULT_IMAGE}, which no "
+            f"{package.path} was compiled with the placeholder image {PLACEHOLDER_IMAGE}, which no "
             "registry has: push yours (make push-image IMAGE=REGISTRY/trainer:TAG) and compile "
             "with it (make compile IMAGE=...)"
         )
@@ -251,13 +251,12 @@ def run_parameters(
     """The typed, checked parameters of a cluster run from ``--param`` texts (no network).
 
     A car-classifier package's parameters are checked as its pods will use them
-    (`pipelines.car_classifier.check_arguments`: GPU settings, gs:// URIs, overrides applied
+    (`carclassifier.kubeflow.arguments.check_arguments`: GPU settings, gs:// URIs, overrides applied
     to the compiled recipe), then `cluster_defaults` apply.
     """
     params = resolve_params(parse_params(items), package)
     if package.recipe is not None:
         from carclassifier.errors import CarClassifierError
-        from pipelines.car_classifier import check_arguments
 
         try:
             check_arguments({**package.defaults, **params}, package.recipe, package.stage_names)

@@ -23,14 +23,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from pipelines.cluster import (
+from carclassifier.kubeflow.cluster import (
     DEFAULT_SERVICE_ACCOUNT,
     STANDALONE_NAMESPACE,
     describe_placement,
     run_namespace,
 )
-from pipelines.cron import CRON_HINT, to_kfp_cron
-from pipelines.kfp_api import (
+from carclassifier.kubeflow.cron import CRON_HINT, to_kfp_cron
+from carclassifier.kubeflow.kfp_api import (
     DEFAULT_TIMEOUT_S,
     IN_CLUSTER_HOST,
     ConnectionOptions,
@@ -43,7 +43,7 @@ from pipelines.kfp_api import (
     kfp_session,
     note,
 )
-from pipelines.package import (
+from carclassifier.kubeflow.package import (
     PipelinePackage,
     SubmitError,
     check_pipeline_root,

@@ -18,6 +18,9 @@ from typing import Any
 
 DEFAULT_SERVICE_ACCOUNT = "carclassifier-pipeline"
 """manifests/serviceaccounts.yaml: the account Workload Identity maps to the bucket's GSA."""
+PLACEHOLDER_IMAGE = "ghcr.io/carclassifier/trainer:0.1.0"
+"""The trainer image a package is compiled with unless told otherwise: no registry has it, so
+submit refuses a package that still names it (push yours: make push-image IMAGE=...)."""
 STANDALONE_NAMESPACE = "kubeflow"
 WORKLOAD_IDENTITY_ANNOTATION = "iam.gke.io/gcp-service-account"
 GPU_RESOURCE = "nvidia.com/gpu"
