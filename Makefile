@@ -1,4 +1,6 @@
-# carclassifier — every target installs what it needs into .venv first.
+# carclassifier. Every target that runs Python first creates .venv and installs the pinned
+# dependencies into it (the `install` prerequisite); image, serve-image, push-image, clean and
+# help need no .venv.
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -29,8 +31,19 @@ KFP_SERVICE_ACCOUNT ?= carclassifier-pipeline
 RUN_ID ?=
 export KFP_HOST KFP_NAMESPACE EXPERIMENT PIPELINE_ROOT KFP_SERVICE_ACCOUNT RUN_ID
 
-.PHONY: help install install-reference test lint eda run-local bench clean compile run-pipeline-local \
-	submit-pipeline schedule unschedule preflight resume-pipeline image push-image image-test manifests-validate
+# Images (Docker with BuildKit; PIP_CA=ca.pem behind a TLS-intercepting proxy), the web app
+SERVE_IMAGE ?= ghcr.io/carclassifier/serve:0.1.0
+PIP_CA ?=
+comma := ,
+SERVE_MODEL ?= $(RUN_DIR)/export
+SERVE_HOST ?= 127.0.0.1
+SERVE_PORT ?= 8080
+BENCH_ARGS ?=
+LINT_PATHS := src tests benchmarks components pipelines docker
+
+.PHONY: help install install-reference test test-fast lint eda run-local serve bench clean compile \
+	run-pipeline-local submit-pipeline schedule unschedule preflight resume-pipeline image serve-image \
+	push-image image-test manifests-validate
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -45,11 +58,15 @@ install: $(VENV)/.installed  ## create .venv and install the package with its pi
 install-reference: install  ## add torch 2.13.0 CPU + efficientnet_lite_pytorch for the Lite0 reference test
 	$(PIP_INSTALL) -e '.[dev,torch-reference]'
 
-test: install  ## run the test suite
+test: install  ## run the whole test suite (CI runs this; ~5-10 min on 2 cores)
 	$(PY) -m pytest
 
-lint: install  ## ruff
-	$(VENV)/bin/ruff check src tests benchmarks components pipelines docker
+test-fast: install  ## the unit tests only: no model training, kfp.local, emulator, browser or subprocess kills (~2 min)
+	$(PY) -m pytest -m "not slow and not integration and not image"
+
+lint: install  ## ruff: lint rules and formatting (ruff format to fix the latter)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 eda: install  ## EDA report of the demo data (CONFIG=... for another dataset)
 	$(VENV)/bin/carclassifier eda --config $(CONFIG)
@@ -57,7 +74,6 @@ eda: install  ## EDA report of the demo data (CONFIG=... for another dataset)
 run-local: install  ## the whole recipe on the embedded default (RUN_DIR=runs/local)
 	$(VENV)/bin/carclassifier run-local --config $(CONFIG) --out $(RUN_DIR)
 
-BENCH_ARGS ?=
 bench: install  ## CPU benchmarks (~18 min; BENCH_ARGS=--quick ~6 min), results into benchmarks/results/
 	$(PY) -m benchmarks.input_pipeline $(BENCH_ARGS)
 	$(PY) -m benchmarks.train_step $(BENCH_ARGS)
@@ -88,8 +104,6 @@ schedule: install  ## scheduled retraining: make schedule CRON="0 3 * * 0" (fres
 unschedule: install  ## delete the recurring retraining run
 	$(PY) -m pipelines unschedule
 
-PIP_CA ?=
-comma := ,
 image:  ## build the GPU trainer image (IMAGE=registry/path:tag; PIP_CA=ca.pem behind a TLS proxy; Docker with BuildKit)
 	$(DOCKER) build --platform linux/amd64 -f docker/trainer.Dockerfile \
 	  $(if $(PIP_CA),--secret id=pip-ca$(comma)src=$(PIP_CA)) \
@@ -97,13 +111,13 @@ image:  ## build the GPU trainer image (IMAGE=registry/path:tag; PIP_CA=ca.pem b
 	  --build-arg BUILD_DATE=$$(date -u +%Y-%m-%dT%H:%M:%SZ) \
 	  -t $(IMAGE) .
 
+serve-image:  ## build the web app's image (SERVE_IMAGE=registry/path:tag; docker/serve.Dockerfile)
+	$(DOCKER) build --platform linux/amd64 -f docker/serve.Dockerfile \
+	  $(if $(PIP_CA),--secret id=pip-ca$(comma)src=$(PIP_CA)) -t $(SERVE_IMAGE) .
+
 push-image: image  ## build and push: make push-image IMAGE=REGISTRY/carclassifier/trainer:TAG
 	$(DOCKER) push $(IMAGE)
 
-.PHONY: serve
-SERVE_MODEL ?= $(RUN_DIR)/export
-SERVE_HOST ?= 127.0.0.1
-SERVE_PORT ?= 8080
 serve: install  ## web page + JSON API for an exported model on http://127.0.0.1:8080/ (SERVE_MODEL=dir or gs://...)
 	$(VENV)/bin/carclassifier serve --model $(SERVE_MODEL) --host $(SERVE_HOST) --port $(SERVE_PORT)
 

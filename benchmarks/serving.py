@@ -225,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=500, help="requests per level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--backend", default="auto", help="auto (onnx when the export has model.onnx), onnx, saved_model, keras")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        help="auto (onnx when the export has model.onnx), onnx, saved_model, keras",
+    )
     parser.add_argument("--threads", type=int, default=4, help="waitress threads")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--notes", default="", help="a sentence added to the results")

@@ -241,8 +241,10 @@ def read_versioned(uri: str) -> tuple[str | None, int | None]:
     bucket, name = split_gcs_uri(uri)
     with _gcs_errors("read", uri):
         for _ in range(5):  # the object may be replaced between the two requests
-            blob = gcs_client().bucket(bucket).get_blob(
-                name, retry=gcs_retry(f"look up {uri}"), timeout=gcs_timeout()
+            blob = (
+                gcs_client()
+                .bucket(bucket)
+                .get_blob(name, retry=gcs_retry(f"look up {uri}"), timeout=gcs_timeout())
             )
             if blob is None:
                 return None, None
