@@ -1,8 +1,11 @@
-"""Shared fixtures: small datasets made on the fly, the real demo photos when present."""
+"""Shared fixtures: small datasets made on the fly, the real demo photos when present, the GCS
+emulator and a fresh bucket on it; and the ``integration`` marker (`INTEGRATION_MODULES`,
+`INTEGRATION_FIXTURES`), so ``make test-fast`` leaves out what starts servers or processes."""
 
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,29 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+INTEGRATION_MODULES = frozenset(
+    {
+        "test_pipeline_local",  # kfp.local runs of the whole pipeline
+        "test_preemption",  # stages killed in subprocesses and resumed
+        "test_serving_browser",  # headless Chromium
+        "test_serving_server",  # the real server in a subprocess
+        "test_serving_contract",  # schemathesis against the real server
+        "test_images",  # buildah/podman (also marked image)
+        "test_idempotent",  # whole runs twice
+    }
+)
+"""Test modules that start processes or servers, or run the pipeline: marked ``integration``."""
+INTEGRATION_FIXTURES = frozenset({"gcs_emulator"})
+"""A test using one of these (directly or through another fixture) is marked ``integration``."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the integration tests (see `INTEGRATION_MODULES`, `INTEGRATION_FIXTURES`)."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in INTEGRATION_MODULES or INTEGRATION_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.integration)
 
 
 def write_image(
@@ -128,3 +154,11 @@ def gcs_emulator():
         os.environ.pop("STORAGE_EMULATOR_HOST", None)
     else:
         os.environ["STORAGE_EMULATOR_HOST"] = previous
+
+
+@pytest.fixture
+def bucket(gcs_emulator: str):
+    """A new, empty bucket on the GCS emulator (a google.cloud.storage ``Bucket``)."""
+    from carclassifier.storage import gcs_client
+
+    return gcs_client().create_bucket(f"test-{uuid.uuid4().hex[:8]}")

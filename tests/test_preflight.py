@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -115,16 +116,6 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Replay, dict]]:
     server.close()
 
 
-@pytest.fixture
-def bucket(gcs_emulator: str) -> str:
-    from carclassifier.storage import gcs_client
-
-    client = gcs_client()
-    if client.lookup_bucket("preflight-bucket") is None:
-        client.create_bucket("preflight-bucket")
-    return "preflight-bucket"
-
-
 def run_preflight(package: Path, environ: dict, *args: str) -> tuple[int, list[str]]:
     import contextlib
     import io
@@ -156,11 +147,11 @@ def test_the_conversation_is_made_of_valid_kubernetes_objects() -> None:
 
 
 def test_a_ready_cluster_passes(
-    cluster: tuple[Replay, dict], bucket: str, compiled: str, tmp_path: Path
+    cluster: tuple[Replay, dict], bucket: Any, compiled: str, tmp_path: Path
 ) -> None:
     server, environ = cluster
     package = _package(tmp_path, compiled, f"{server.netloc}/{IMAGE_PATH}:{TAG}")
-    root = f"gs://{bucket}/kfp"
+    root = f"gs://{bucket.name}/kfp"
     rc, lines = run_preflight(
         package, environ, "--pipeline-root", root, "--param", "data_source=gs://b-data/cars"
     )
@@ -199,7 +190,7 @@ def test_a_ready_cluster_passes(
 
 def test_carclassifier_preflight_runs_the_same_checks(
     cluster: tuple[Replay, dict],
-    bucket: str,
+    bucket: Any,
     compiled: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -213,7 +204,7 @@ def test_carclassifier_preflight_runs_the_same_checks(
     server, environ = cluster
     for name, value in environ.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv("PIPELINE_ROOT", f"gs://{bucket}/kfp")
+    monkeypatch.setenv("PIPELINE_ROOT", f"gs://{bucket.name}/kfp")
     package = _package(tmp_path, compiled, f"{server.netloc}/{IMAGE_PATH}:no-such-tag")
     with pytest.raises(SystemExit) as exit_info:
         main(["preflight", "--package", str(package), "--param", "data_source=gs://b-data/cars"])
@@ -227,7 +218,7 @@ def test_carclassifier_preflight_runs_the_same_checks(
 
 
 def test_what_is_missing_is_named_with_what_to_do(
-    cluster: tuple[Replay, dict], bucket: str, compiled: str, tmp_path: Path
+    cluster: tuple[Replay, dict], bucket: Any, compiled: str, tmp_path: Path
 ) -> None:
     server, environ = cluster
     sa = server.exchanges[
@@ -247,7 +238,7 @@ def test_what_is_missing_is_named_with_what_to_do(
         package,
         environ,
         "--pipeline-root",
-        f"gs://{bucket}/kfp",
+        f"gs://{bucket.name}/kfp",
         "--param",
         "data_source=kaggle",
         "--param",

@@ -1,18 +1,16 @@
 """storage.local_copy against a real GCS protocol server on 127.0.0.1 (no mocks)."""
 
-import uuid
-
 import numpy as np
 import pytest
 
 from carclassifier.errors import StorageError
-from carclassifier.storage import gcs_client, local_copy, split_gcs_uri
+from carclassifier.storage import local_copy, split_gcs_uri
 
 
-@pytest.fixture
-def bucket(gcs_emulator, tmp_path, monkeypatch):
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    """Each test downloads into its own cache folder."""
     monkeypatch.setenv("CARCLASSIFIER_CACHE", str(tmp_path / "cache"))
-    return gcs_client().create_bucket(f"test-{uuid.uuid4().hex[:8]}")
 
 
 def test_gs_object_is_downloaded_once_into_the_cache(bucket, tmp_path):

@@ -19,11 +19,6 @@ DOWNLOAD = r"alt=media"
 
 
 @pytest.fixture
-def bucket(gcs_emulator):
-    return storage.gcs_client().create_bucket(f"faults-{uuid.uuid4().hex[:8]}")
-
-
-@pytest.fixture
 def proxy(gcs_emulator, monkeypatch):
     """The proxy in front of the emulator, with backoff shrunk to milliseconds."""
     monkeypatch.setenv(storage.RETRY_INITIAL_ENV, "0.01")
