@@ -337,6 +337,27 @@ class TrainConfig(_Section):
     )
 
 
+class GateConfig(_Section):
+    """How the champion/challenger gate tells progress from noise (`carclassifier.gate`)."""
+
+    significance: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="Promote only when McNemar's exact test (one-sided, on the photos the two "
+        "models disagree on) gives p below this.",
+    )
+    max_recall_drop: float = Field(
+        0.05, ge=0, le=1, description="No class's recall may fall by more than this."
+    )
+    formats_tolerance: float = Field(
+        1e-4,
+        gt=0,
+        le=1,
+        description="model.onnx and model.keras must agree within this on the gate's photos.",
+    )
+
+
 class RunConfig(_Section):
     """Everything one run needs."""
 
@@ -347,6 +368,7 @@ class RunConfig(_Section):
     input: InputConfig = Field(default_factory=InputConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
     stages: list[StageConfig] = Field(default_factory=_default_stages, min_length=1, max_length=100)
 
     _output_dir = field_validator("output_dir")(_location_or_none("output_dir"))

@@ -35,7 +35,7 @@ import keras
 import numpy as np
 
 from carclassifier.errors import CarClassifierError, StorageError
-from carclassifier.storage import get_file, is_gcs_uri, join
+from carclassifier.storage import exists, get_file, is_gcs_uri, join
 
 log = logging.getLogger(__name__)
 
@@ -271,3 +271,32 @@ def load_exported(uri: str | Path) -> tuple[keras.Model, dict[str, Any]]:
             raise StorageError(f"cannot load {MODEL_FILE} of {uri}: {exc}") from exc
     check_outputs(uri, labels, int(model.output_shape[-1]), "the model")
     return model, labels
+
+
+class OnnxModel:
+    """An export's ``model.onnx`` under ONNX Runtime, with the few attributes of a Keras model
+    that `carclassifier.evaluate.predict_proba` uses (``input_shape``, ``output_shape``,
+    ``predict_on_batch``), so both formats are run on the same decoded photos."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        try:
+            self._session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+            raise StorageError(f"cannot load {path}: {exc}") from exc
+        (image,) = self._session.get_inputs()
+        self.input_shape = (None, *image.shape[1:])
+        self.output_shape = (None, self._session.get_outputs()[0].shape[-1])
+
+    def predict_on_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities of a float32 batch of raw RGB images."""
+        return self._session.run([SERVING_OUTPUT], {SERVING_INPUT: batch.astype(np.float32)})[0]
+
+
+def load_exported_onnx(uri: str | Path, scratch: Path) -> OnnxModel | None:
+    """The export's ``model.onnx`` (fetched into ``scratch`` from gs://), or None when the export
+    has none (the export leaves it out when it differs from Keras)."""
+    if not exists(join(str(uri), ONNX_FILE)):
+        return None
+    return OnnxModel(_local_file(uri, ONNX_FILE, scratch))

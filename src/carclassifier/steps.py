@@ -606,13 +606,15 @@ def gate(
         decision = champion_challenger(
             export_uri, prepared.dataset.root, prepared.subset("val"),
             prepared.dataset.class_names, pointer, min_improvement,
-            batch_size=config.input.batch_size,
-        )  # fmt: skip
+            batch_size=config.input.batch_size, significance=config.gate.significance,
+            max_recall_drop=config.gate.max_recall_drop,
+            formats_tolerance=config.gate.formats_tolerance,
+        ).as_dict()  # fmt: skip
     decision["pointer"] = pointer
     decision["metrics"] = {"promoted": int(decision["promoted"])} | {
         k: decision[k]
-        for k in ("challenger_accuracy", "champion_accuracy")
-        if decision[k] is not None
+        for k in ("challenger_accuracy", "champion_accuracy", "p_value")
+        if decision.get(k) is not None
     }
 
     def acc(value: float | None) -> str:
