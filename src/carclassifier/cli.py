@@ -194,6 +194,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(config)
 
 
+def cmd_deploy(args: argparse.Namespace) -> None:
+    from carclassifier.deploy import publish
+
+    done = publish(args.export, args.serving_root, args.check_photo, export=args.export)
+    print(f"version {done.version}: {done.uri}" + ("" if done.live else " (a newer one is live)"))
+
+
+def cmd_rollback(args: argparse.Namespace) -> None:
+    from carclassifier.deploy import rollback
+
+    done = rollback(args.serving_root, args.version)
+    print(f"version {args.version} is live again as version {done.version}: {done.uri}")
+
+
 def _read_labels(path: Path) -> list[str]:
     """A JSON list of class names (export --labels)."""
     try:
@@ -216,9 +230,9 @@ def _read_labels(path: Path) -> list[str]:
 
 _COMPETITION = re.compile(r"^[a-z0-9][a-z0-9-]{0,99}$")
 _EXISTING_DIRS = ("data", "images")
-_EXISTING_FILES = ("config", "split", "sample_submission", "labels")
+_EXISTING_FILES = ("config", "split", "sample_submission", "labels", "check_photo")
 _LOCAL_OUTPUTS = ("out", "export_dir", "dest", "output")
-_MODEL_INPUTS = ("init", "model")
+_MODEL_INPUTS = ("init", "model", "export")
 _UNCHECKED_COMMANDS = ("serve", "preflight")  # check their own arguments (serving.config, kubeflow)
 
 
@@ -264,11 +278,12 @@ def check_args(args: argparse.Namespace) -> None:
             raise ConfigError(str(exc)) from None
         if "://" not in str(value) and not Path(value).expanduser().exists():
             raise ConfigError(f"{_flag(name)} {value}: no such file or folder")
-    if values.get("stage_out") is not None:
-        try:
-            check_location(str(args.stage_out), "--stage-out", object_required=True)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+    for name in ("stage_out", "serving_root"):
+        if values.get(name) is not None:
+            try:
+                check_location(str(values[name]), _flag(name), object_required=True)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
     if values.get("labels") is not None:
         _read_labels(Path(values["labels"]))
     competition = values.get("competition")
@@ -370,7 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run_local)
 
     p = sub.add_parser("serve", help="web page + JSON API for an exported model (waitress)")
-    p.add_argument("--model", help="export folder or gs:// prefix (default runs/local/export)")
+    p.add_argument(
+        "--model",
+        help="export folder, or a serving root whose live version is followed (local or gs://; "
+        "default runs/local/export)",
+    )
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8080; 0 = any free port)")
     p.add_argument(
@@ -384,7 +403,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, help="classes returned per image (default 3)")
     p.add_argument("--max-image-pixels", type=int, help="largest image decoded (default 40e6)")
     p.add_argument("--tta-views", type=int, help="views averaged with ?tta=1 (default 5)")
+    p.add_argument(
+        "--poll-seconds", type=float, help="how often a serving root's pointer is read (default 30)"
+    )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("deploy", help="publish an export as the next serving version, make it live")
+    p.add_argument("--export", required=True, help="export folder or gs:// prefix")
+    p.add_argument("--serving-root", required=True, help="folder or gs:// prefix of the versions")
+    p.add_argument("--check-photo", help="a photo stored with the version for the server's check")
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("rollback", help="make an earlier serving version live again")
+    p.add_argument("--serving-root", required=True, help="folder or gs:// prefix of the versions")
+    p.add_argument("--version", type=int, required=True, help="the version to serve again")
+    p.set_defaults(func=cmd_rollback)
 
     preflight.add_command(sub, os.environ)
     sub.choices["preflight"].set_defaults(func=cmd_preflight)

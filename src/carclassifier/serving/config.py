@@ -26,7 +26,9 @@ class ServingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(
-        "runs/local/export", description="Export folder or gs:// prefix (the only model loaded)."
+        "runs/local/export",
+        description="Export folder, or a serving root (numbered versions + champion.json) whose "
+        "live version is followed; local or gs://.",
     )
     backend: Backend = Field(
         DEFAULT_BACKEND, description="auto, onnx (model.onnx), saved_model or keras (model.keras)."
@@ -41,6 +43,9 @@ class ServingConfig(BaseModel):
         40_000_000, ge=1, description="Largest width x height decoded (decompression-bomb guard)."
     )
     tta_views: int = Field(5, ge=2, le=32, description="Views averaged with ?tta=1.")
+    poll_seconds: float = Field(
+        30.0, gt=0, le=86400, description="How often a serving root's pointer is checked."
+    )
     seed: int = Field(
         0, description="Seed of the TTA draws (the same image gives the same result)."
     )
@@ -59,7 +64,8 @@ def check_model_location(uri: str) -> None:
     folder = Path(uri).expanduser()
     if not folder.is_dir():
         raise StorageError(f"export folder {uri} does not exist; run the export step first")
-    if not (folder / "labels.json").is_file():
+    if not (folder / "labels.json").is_file() and not (folder / "champion.json").is_file():
         raise StorageError(
-            f"{uri} is not an export folder (no labels.json); pass the folder export wrote"
+            f"{uri} is not an export folder (no labels.json) nor a serving root (no "
+            "champion.json); pass the folder export wrote or the one deploy publishes to"
         )

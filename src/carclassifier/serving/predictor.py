@@ -103,6 +103,8 @@ def _load_saved_model(folder: Path) -> Loaded:
     import tensorflow as tf
 
     path = folder / SAVED_MODEL_DIR / SAVED_MODEL_VERSION
+    if (folder / "saved_model.pb").is_file():  # a published version (carclassifier.deploy)
+        path = folder
     labels = _read_labels(folder)
     if not (path / "saved_model.pb").is_file() and (path.parent / "saved_model.pb").is_file():
         log.warning(
@@ -175,10 +177,13 @@ def _fetch(uri: str, backend: str, scratch: Path) -> Path:
         if not folder.is_dir():
             raise StorageError(f"export folder {uri} does not exist; run the export step first")
         return folder
-    for name in _REMOTE_FILES.get(backend, (LABELS_FILE, MODEL_FILE)):
+    names = _REMOTE_FILES.get(backend, (LABELS_FILE, MODEL_FILE))
+    if backend == "saved_model" and exists(join(uri, "saved_model.pb")):
+        names = ("",)  # a published version: the SavedModel is the folder itself
+    for name in names:
         try:
-            if name.endswith("/"):
-                download_tree(join(uri, name), scratch / name)
+            if name == "" or name.endswith("/"):
+                download_tree(join(uri, name) if name else uri, scratch / name)
             else:
                 get_file(join(uri, name), scratch / name)
         except StorageError as exc:
