@@ -39,11 +39,14 @@ SERVE_MODEL ?= $(RUN_DIR)/export
 SERVE_HOST ?= 127.0.0.1
 SERVE_PORT ?= 8080
 BENCH_ARGS ?=
+# Serving versions (carclassifier.deploy): where promoted exports are published, which to roll back to
+SERVING_ROOT ?=
+VERSION ?=
 LINT_PATHS := src tests benchmarks components pipelines docker
 
 .PHONY: help install install-reference test test-fast lint eda run-local serve bench clean compile \
 	run-pipeline-local submit-pipeline schedule unschedule preflight resume-pipeline image serve-image \
-	push-image image-test manifests-validate
+	push-image image-test manifests-validate rollback
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -126,6 +129,9 @@ image-test: install  ## build both images with buildah on a stand-in base, run t
 
 manifests-validate: install  ## Dockerfile checks + manifests against Kubernetes and KServe schemas
 	$(PY) -m pytest -q tests/test_docker_manifests.py
+
+rollback: install  ## serve an earlier version again: make rollback SERVING_ROOT=gs://... VERSION=N
+	$(VENV)/bin/carclassifier rollback --serving-root "$(SERVING_ROOT)" --version "$(VERSION)"
 
 clean:  ## remove run outputs (keeps .venv)
 	rm -rf runs tests/artifacts
