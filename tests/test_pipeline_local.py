@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_dataset
 
-from carclassifier import steps, storage
+from carclassifier import artifacts, reports, steps, storage
 from carclassifier.config import dump_config, load_config
 from carclassifier.errors import ConfigError, DatasetError
 from pipelines import run_pipeline_local
@@ -37,13 +37,13 @@ TASKS_IN_ORDER = [
 @pytest.fixture(scope="module", autouse=True)
 def _scratch(tmp_path_factory: pytest.TempPathFactory):
     """Unpacked image shards go to a test folder, also in kfp.local's task subprocesses."""
-    previous = os.environ.get(steps.SCRATCH_ENV)
-    os.environ[steps.SCRATCH_ENV] = str(tmp_path_factory.mktemp("scratch"))
+    previous = os.environ.get(artifacts.SCRATCH_ENV)
+    os.environ[artifacts.SCRATCH_ENV] = str(tmp_path_factory.mktemp("scratch"))
     yield
     if previous is None:
-        os.environ.pop(steps.SCRATCH_ENV, None)
+        os.environ.pop(artifacts.SCRATCH_ENV, None)
     else:
-        os.environ[steps.SCRATCH_ENV] = previous
+        os.environ[artifacts.SCRATCH_ENV] = previous
 
 
 def _recipe(*extra: str) -> str:
@@ -85,8 +85,8 @@ def test_prepare_writes_the_dataset_artifact_and_a_stable_run_key(tmp_path):
     for name in ("config.yaml", "split.csv", "validation.json", "usable.csv", "dataset.json"):
         assert (artifact / name).is_file()
     assert (artifact / "shards" / "index.json").is_file() and not (artifact / "data").exists()
-    config, prepared, manifest = steps.load_dataset_artifact(str(artifact))
-    root = (steps.images_root(str(artifact)) / "data").resolve()
+    config, prepared, manifest = artifacts.load_dataset_artifact(str(artifact))
+    root = (artifacts.images_root(str(artifact)) / "data").resolve()
     assert prepared.dataset.root == root and manifest == first
     assert config.stage("stage_2").epochs == 1
 
@@ -132,7 +132,7 @@ def test_log_metrics_also_writes_the_artifact_file(tmp_path):
             self.logged[name] = value
 
     artifact = FakeMetrics()
-    steps.log_metrics(artifact, {"val_accuracy": 0.5, "epochs": 2})
+    reports.log_metrics(artifact, {"val_accuracy": 0.5, "epochs": 2})
     assert artifact.logged == {"val_accuracy": 0.5, "epochs": 2}
     assert json.loads(Path(artifact.path).read_text()) == artifact.logged
 

@@ -98,7 +98,7 @@ def _prepared(args: argparse.Namespace, config):  # noqa: ANN001, ANN202 - RunCo
 
 def cmd_train(args: argparse.Namespace) -> None:
     config = _config(args)  # before the TensorFlow imports: a bad config fails at once
-    from carclassifier.local_run import summary_table
+    from carclassifier.reports import summary_table
     from carclassifier.stages import train_recipe
 
     results = train_recipe(config, _prepared(args, config), config.output_dir)
@@ -116,7 +116,7 @@ def cmd_train_stage(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from carclassifier.evaluate import evaluate_model
-    from carclassifier.stages import load_model
+    from carclassifier.model import load_model
 
     config = _config(args)
     prepared = _prepared(args, config)
@@ -130,7 +130,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from carclassifier.export import export_model
-    from carclassifier.stages import load_model
+    from carclassifier.model import load_model
 
     labels = _read_labels(Path(args.labels)) if args.labels else None
     if labels is None:
@@ -162,7 +162,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_run_local(args: argparse.Namespace) -> None:
-    from carclassifier.local_run import run_local, summary_table
+    from carclassifier.local_run import run_local
+    from carclassifier.reports import summary_table
 
     summary = run_local(_config(args))
     print(summary_table(summary["stages"]))

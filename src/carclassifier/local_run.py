@@ -11,37 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from carclassifier.config import RunConfig
-from carclassifier.demo_data import REAL_SAMPLES, shared_dir
-from carclassifier.prepare import PreparedData, prepare_data
+from carclassifier.prepare import find_test_images, prepare_data
+from carclassifier.reports import summary_table
 
 log = logging.getLogger(__name__)
-
-
-def find_test_images(config: RunConfig, prepared: PreparedData) -> Path | None:
-    """Unlabelled images to predict: ``data.test_dir``, the dataset's own test folder, or, for
-    the demo data, the competition samples in ``../shared/data/sf-competition-samples``."""
-    if config.data.test_dir:
-        return Path(config.data.test_dir)
-    if prepared.dataset.test_dir is not None:
-        return prepared.dataset.test_dir
-    shared = shared_dir()
-    if config.data.root is None and shared is not None and (shared / REAL_SAMPLES).is_dir():
-        return shared / REAL_SAMPLES
-    return None
-
-
-def summary_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of the stages: epochs, best validation accuracy, minutes."""
-    lines = [
-        "| stage | description | size | epochs | best val accuracy | minutes |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['stage']} | {r['description']} | {r['image_size']} | {r['epochs_run']} | "
-            f"{r['best_val_accuracy']:.4f} | {r['minutes']:.1f} |"
-        )
-    return "\n".join(lines)
 
 
 def run_local(config: RunConfig, progress: bool = True) -> dict[str, Any]:
@@ -49,8 +22,9 @@ def run_local(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     from carclassifier.eda import write_eda_report
     from carclassifier.evaluate import evaluate_model
     from carclassifier.export import export_model
+    from carclassifier.model import load_model
     from carclassifier.predict import predict_folder
-    from carclassifier.stages import load_model, train_recipe
+    from carclassifier.stages import train_recipe
 
     started = time.perf_counter()
     out = Path(config.output_dir)

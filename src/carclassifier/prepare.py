@@ -22,7 +22,7 @@ from carclassifier.data import (
     validate_dataset,
     write_split,
 )
-from carclassifier.demo_data import demo_dataset_root
+from carclassifier.demo_data import REAL_SAMPLES, demo_dataset_root, shared_dir
 from carclassifier.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -90,3 +90,16 @@ def load_prepared(data_root: str | Path, split_csv: str | Path) -> PreparedData:
             f"(e.g. {missing[:3]}); pass the dataset the split was made from"
         )
     return PreparedData(dataset, None, split, Path(split_csv))
+
+
+def find_test_images(config: RunConfig, prepared: PreparedData) -> Path | None:
+    """Unlabelled images to predict: ``data.test_dir``, the dataset's own test folder, or, for
+    the demo data, the competition samples in ``../shared/data/sf-competition-samples``."""
+    if config.data.test_dir:
+        return Path(config.data.test_dir)
+    if prepared.dataset.test_dir is not None:
+        return prepared.dataset.test_dir
+    shared = shared_dir()
+    if config.data.root is None and shared is not None and (shared / REAL_SAMPLES).is_dir():
+        return shared / REAL_SAMPLES
+    return None

@@ -241,8 +241,10 @@ def read_versioned(uri: str) -> tuple[str | None, int | None]:
     bucket, name = split_gcs_uri(uri)
     with _gcs_errors("read", uri):
         for _ in range(5):  # the object may be replaced between the two requests
-            blob = gcs_client().bucket(bucket).get_blob(
-                name, retry=gcs_retry(f"look up {uri}"), timeout=gcs_timeout()
+            blob = (
+                gcs_client()
+                .bucket(bucket)
+                .get_blob(name, retry=gcs_retry(f"look up {uri}"), timeout=gcs_timeout())
             )
             if blob is None:
                 return None, None
@@ -390,6 +392,21 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def content_id(uri: str) -> str:
+    """A content checksum of the file at ``uri`` (local: SHA-256; gs://: the stored CRC32C)."""
+    if is_gcs_uri(uri):
+        bucket, name = split_gcs_uri(uri)
+        blob = (
+            gcs_client()
+            .bucket(bucket)
+            .get_blob(name, retry=gcs_retry(f"look up {uri}"), timeout=gcs_timeout())
+        )
+        if blob is None:
+            raise StorageError(f"{uri} not found: check the --init model URI")
+        return f"crc32c:{blob.crc32c or blob.md5_hash or blob.size}"
+    return f"sha256:{sha256_file(local_copy(uri))}"
 
 
 def download_tree(uri: str, local_dir: str | os.PathLike[str]) -> Path:
