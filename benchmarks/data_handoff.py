@@ -130,7 +130,7 @@ def demo_artifacts(work: Path) -> tuple[Path, Path, float]:
 
     recipe = dump_config(load_config(None, ["name=bench"]))
     new = work / "demo-new"
-    steps.prepare(recipe, [], "", str(new))
+    steps.prepare_step(recipe, [], "", str(new))
     old = work / "demo-old"
     shutil.copytree(new, old, ignore=shutil.ignore_patterns(artifacts.SHARD_DIR))
     from carclassifier import shards

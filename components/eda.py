@@ -11,4 +11,4 @@ def validate_and_eda(dataset: Input[Dataset], report: Output[HTML], metrics: Out
     self-contained HTML) and the validation counts."""
     from carclassifier import reports, steps
 
-    reports.log_metrics(metrics, steps.validate_and_eda(dataset.path, report.path))
+    reports.log_metrics(metrics, steps.eda_step(dataset.path, report.path))

@@ -19,7 +19,7 @@ def evaluate_model(
     (UI and CSV), per-class metrics and validation predictions."""
     from carclassifier import reports, steps
 
-    result = steps.evaluate(dataset.path, model.path, evaluation.path, report.path)
+    result = steps.evaluate_step(dataset.path, model.path, evaluation.path, report.path)
     reports.log_metrics(metrics, result["metrics"])
     reports.log_confusion(confusion, result["class_names"], result["confusion"])
     reports.log_confusion(confusion_tta, result["class_names"], result["confusion_tta"])

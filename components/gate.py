@@ -20,7 +20,7 @@ def champion_gate(
     there is no champion). Returns whether it was promoted."""
     from carclassifier import reports, steps
 
-    result = steps.gate(
+    result = steps.gate_step(
         dataset.path, export_uri, champion_pointer, min_improvement, checkpoint_root, decision.path
     )
     reports.log_metrics(metrics, result["metrics"])

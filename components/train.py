@@ -21,7 +21,7 @@ def train_stage(
     Outputs the stage's best model, its metrics and the accuracy/loss curves."""
     from carclassifier import reports, steps
 
-    result = steps.train_stage(
+    result = steps.train_stage_step(
         dataset.path, stage_name, checkpoint_root, run_key,
         init_model.path if init_model is not None else None, model.path, curves.path,
     )  # fmt: skip

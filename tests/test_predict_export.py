@@ -1,4 +1,4 @@
-"""Submission files (predict_folder) and the serving export (export_model / load_exported)."""
+"""Submission files (predict_folder) and the serving export (write_export / load_exported)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from conftest import tiny_model, write_image
 
 from carclassifier.errors import DatasetError, StorageError
-from carclassifier.evaluate import predict_proba
-from carclassifier.export import export_model, load_exported
+from carclassifier.export import load_exported, write_export
+from carclassifier.inference import predict_proba
 from carclassifier.predict import predict_folder
 
 SIZE = 32
@@ -126,7 +126,7 @@ def test_empty_or_missing_folder_is_a_clear_error(model, tmp_path):
 def exported(model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "model"
     metadata = {"backbone": "tiny", "accuracy": np.float32(0.5), "image_size": np.int64(SIZE)}
-    assert export_model(model, CLASSES, out, metadata) == out
+    assert write_export(model, CLASSES, out, metadata) == out
     return out
 
 
@@ -171,11 +171,16 @@ def test_export_replaces_an_existing_folder(tmp_path):
     out = tmp_path / "export"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    export_model(other, ["x", "y"], out)
-    assert sorted(p.name for p in out.iterdir()) == ["labels.json", "model.keras", "model.onnx", "saved_model"]
+    write_export(other, ["x", "y"], out)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "labels.json",
+        "model.keras",
+        "model.onnx",
+        "saved_model",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     with pytest.raises(ValueError, match="3 class names but the model outputs 2"):
-        export_model(other, CLASSES, tmp_path / "bad")
+        write_export(other, CLASSES, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
 
 
@@ -207,7 +212,7 @@ def test_load_exported_from_gcs(model, exported, gcs_emulator, tmp_path):
     with pytest.raises(StorageError, match="not a complete export"):
         load_exported(f"gs://{bucket.name}/runs/other")
     # a re-export to the same prefix is what the next load gets (no stale cache)
-    newer = export_model(tiny_model(num_classes=2), ["x", "y"], tmp_path / "newer")
+    newer = write_export(tiny_model(num_classes=2), ["x", "y"], tmp_path / "newer")
     for name in ("model.keras", "labels.json"):
         bucket.blob(f"runs/x/export/{name}").upload_from_filename(str(newer / name))
     reloaded, labels = load_exported(f"gs://{bucket.name}/runs/x/export")
@@ -223,7 +228,7 @@ def test_export_of_the_real_classifier_loads_in_safe_mode(tmp_path):
     from carclassifier.model import build_classifier
 
     model = build_classifier(ModelConfig(backbone="efficientnet_lite0", weights=None), 3, SIZE)
-    out = export_model(model, CLASSES, tmp_path / "export", {"backbone": "efficientnet_lite0"})
+    out = write_export(model, CLASSES, tmp_path / "export", {"backbone": "efficientnet_lite0"})
     loaded, labels = load_exported(out)
     assert labels["metadata"]["backbone"] == "efficientnet_lite0"
     x = _pixels(2)

@@ -96,7 +96,7 @@ def test_backends_agree_and_keras_loads_in_safe_mode(export_dir, real_photos):
 
 
 def test_auto_backend_is_onnx_when_the_export_has_it(export_dir, tmp_path):
-    assert (export_dir / "model.onnx").is_file()  # written by export_model, checked vs Keras
+    assert (export_dir / "model.onnx").is_file()  # written by write_export, checked vs Keras
     assert Predictor.load(export_dir).backend == "onnx"
     without = tmp_path / "no-onnx"
     shutil.copytree(export_dir, without)

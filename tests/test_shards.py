@@ -100,7 +100,7 @@ def test_prepare_hands_on_shards_and_later_steps_see_the_same_data(
     data = source / "data"
     write_image(data / "test_upload" / "t_1.jpg", seed=51)
     artifact = tmp_path / "artifact"
-    manifest = steps.prepare(_recipe(), [], str(data), str(artifact))
+    manifest = steps.prepare_step(_recipe(), [], str(data), str(artifact))
     files = sorted(p.relative_to(artifact).as_posix() for p in artifact.rglob("*") if p.is_file())
     assert files == [
         "config.yaml", "dataset.json", "excluded.csv", "shards/images-00000.tar",
@@ -160,7 +160,7 @@ def test_a_damaged_shard_fails_the_reading_step_not_later(
 ) -> None:
     monkeypatch.setenv(artifacts.SCRATCH_ENV, str(tmp_path / "scratch"))
     artifact = tmp_path / "artifact"
-    steps.prepare(_recipe(), [], str(source / "data"), str(artifact))
+    steps.prepare_step(_recipe(), [], str(source / "data"), str(artifact))
     shard = artifact / "shards" / "images-00000.tar"
     shard.write_bytes(shard.read_bytes()[:-2048])
     with pytest.raises(DatasetError, match="images-00000.tar is .* bytes, but index.json says"):

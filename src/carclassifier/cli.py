@@ -46,10 +46,10 @@ def _config(args: argparse.Namespace):  # noqa: ANN202 - RunConfig
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from carclassifier.prepare import prepare_data
+    from carclassifier.prepare import validate_and_split
 
     config = _config(args)
-    prepare_data(config, config.output_dir)
+    validate_and_split(config, config.output_dir)
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -64,10 +64,10 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 def cmd_eda(args: argparse.Namespace) -> None:
     from carclassifier.eda import write_eda_report
-    from carclassifier.prepare import prepare_data
+    from carclassifier.prepare import validate_and_split
 
     config = _config(args)
-    prepared = prepare_data(config, config.output_dir)
+    prepared = validate_and_split(config, config.output_dir)
     path = write_eda_report(
         prepared.report,
         Path(config.output_dir) / "eda",
@@ -89,11 +89,11 @@ def cmd_download_kaggle(args: argparse.Namespace) -> None:
 
 
 def _prepared(args: argparse.Namespace, config):  # noqa: ANN001, ANN202 - RunConfig -> PreparedData
-    from carclassifier.prepare import load_prepared, prepare_data, resolve_data_root
+    from carclassifier.prepare import load_prepared, resolve_data_root, validate_and_split
 
     if args.split:
         return load_prepared(resolve_data_root(config), args.split)
-    return prepare_data(config, config.output_dir)
+    return validate_and_split(config, config.output_dir)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -115,12 +115,12 @@ def cmd_train_stage(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from carclassifier.evaluate import evaluate_model
+    from carclassifier.evaluate import evaluate_classifier
     from carclassifier.model import load_model
 
     config = _config(args)
     prepared = _prepared(args, config)
-    result = evaluate_model(
+    result = evaluate_classifier(
         load_model(args.model), prepared.dataset.root, prepared.subset("val"),
         prepared.dataset.class_names, config, Path(config.output_dir) / "evaluation",
     )  # fmt: skip
@@ -129,21 +129,21 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from carclassifier.export import export_model
+    from carclassifier.export import write_export
     from carclassifier.model import load_model
 
     labels = _read_labels(Path(args.labels)) if args.labels else None
     if labels is None:
         config = _config(args)
         labels = _prepared(args, config).dataset.class_names
-    print(f"exported to {export_model(load_model(args.model), list(labels), args.export_dir)}")
+    print(f"exported to {write_export(load_model(args.model), list(labels), args.export_dir)}")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from carclassifier.augment import tta_transform
     from carclassifier.config import load_config
-    from carclassifier.evaluate import model_image_size
     from carclassifier.export import load_exported
+    from carclassifier.inference import model_image_size
     from carclassifier.predict import predict_folder
 
     model, labels = load_exported(args.model)

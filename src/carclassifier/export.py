@@ -1,6 +1,6 @@
 """The trained model for serving: a Keras file, a TensorFlow SavedModel and the label list.
 
-    export_model(model, class_names, "runs/x/export", {"backbone": "efficientnet_lite0"})
+    write_export(model, class_names, "runs/x/export", {"backbone": "efficientnet_lite0"})
     model, labels = load_exported("runs/x/export")
 
 An export folder holds
@@ -34,6 +34,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from carclassifier.config import RunConfig
 from carclassifier.errors import CarClassifierError, StorageError
 from carclassifier.storage import get_file, is_gcs_uri, join
 
@@ -92,7 +93,23 @@ def labels_document(
     }
 
 
-def export_model(
+def export_metadata(
+    config: RunConfig, evaluation: dict[str, Any], run_key: str | None = None
+) -> dict[str, Any]:
+    """The ``metadata`` of an export of the recipe's final model: backbone, run name (and
+    ``run_key`` in a pipeline run), last stage, and the validation accuracy without and with TTA
+    from ``evaluation`` (`carclassifier.evaluate.evaluate_classifier`'s result)."""
+    metadata: dict[str, Any] = {"backbone": config.model.backbone, "run": config.name}
+    if run_key is not None:
+        metadata["run_key"] = run_key
+    return metadata | {
+        "stage": config.stages[-1].name,
+        "val_accuracy": evaluation["accuracy"],
+        "val_accuracy_tta": evaluation["tta"]["accuracy"],
+    }
+
+
+def write_export(
     model: keras.Model,
     class_names: list[str],
     out_dir: str | Path,
@@ -253,7 +270,7 @@ def check_outputs(uri: str | Path, labels: dict[str, Any], outputs: int, what: s
 
 
 def load_exported(uri: str | Path) -> tuple[keras.Model, dict[str, Any]]:
-    """Load an export folder written by `export_model`: the Keras model and ``labels.json``.
+    """Load an export folder written by `write_export`: the Keras model and ``labels.json``.
 
     ``uri`` is a local folder or a ``gs://`` prefix; from gs:// only ``labels.json`` and
     ``model.keras`` are downloaded, freshly each call (into a temporary folder removed afterwards,

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from carclassifier import storage
-from carclassifier.evaluate import predict_proba
 from carclassifier.export import load_exported
+from carclassifier.inference import predict_proba
 
 log = logging.getLogger(__name__)
 

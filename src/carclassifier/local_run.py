@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from carclassifier.config import RunConfig
-from carclassifier.prepare import find_test_images, prepare_data
+from carclassifier.prepare import find_test_images, validate_and_split
 from carclassifier.reports import summary_table
 
 log = logging.getLogger(__name__)
@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 def run_local(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Run the recipe end to end under ``config.output_dir``; returns the summary."""
     from carclassifier.eda import write_eda_report
-    from carclassifier.evaluate import evaluate_model
-    from carclassifier.export import export_model
+    from carclassifier.evaluate import evaluate_classifier
+    from carclassifier.export import export_metadata, write_export
     from carclassifier.model import load_model
     from carclassifier.predict import predict_folder
     from carclassifier.stages import train_recipe
@@ -29,7 +29,7 @@ def run_local(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     started = time.perf_counter()
     out = Path(config.output_dir)
     log.info("run-local: %d stages, outputs in %s", len(config.stages), out.resolve())
-    prepared = prepare_data(config, out, progress=progress)
+    prepared = validate_and_split(config, out, progress=progress)
     eda = write_eda_report(
         prepared.report, out / "eda", config.augment, config.input.image_size, seed=config.data.seed
     )
@@ -38,7 +38,7 @@ def run_local(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     final = results[-1]
     model = load_model(final.best_model)
     classes = prepared.dataset.class_names
-    evaluation = evaluate_model(
+    evaluation = evaluate_classifier(
         model,
         prepared.dataset.root,
         prepared.subset("val"),
@@ -47,17 +47,11 @@ def run_local(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         out / "evaluation",
         progress=progress,
     )
-    export_dir = export_model(
+    export_dir = write_export(
         model,
         classes,
         out / "export",
-        metadata={
-            "backbone": config.model.backbone,
-            "run": config.name,
-            "stage": final.name,
-            "val_accuracy": evaluation["accuracy"],
-            "val_accuracy_tta": evaluation["tta"]["accuracy"],
-        },
+        metadata=export_metadata(config, evaluation),
     )
     submission = None
     test_dir = find_test_images(config, prepared)

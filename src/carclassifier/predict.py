@@ -18,7 +18,7 @@ import pandas as pd
 
 from carclassifier.data import is_image_name
 from carclassifier.errors import DatasetError, StorageError
-from carclassifier.evaluate import Transform, check_class_names, predict_proba
+from carclassifier.inference import Transform, check_class_names, predict_proba
 from carclassifier.storage import is_gcs_uri
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def predict_folder(
     its order, an Id without an image (or with an unreadable one) is a `DatasetError`, and images
     the sample does not list are left out with a warning. Otherwise unreadable images are left
     out with a warning. ``tta``/``tta_views``/``batch_size`` are as in
-    `carclassifier.evaluate.predict_proba`. Returns the frame written.
+    `carclassifier.inference.predict_proba`. Returns the frame written.
     """
     if fmt not in ("competition", "full"):
         raise ValueError(f"fmt must be 'competition' or 'full', got {fmt!r}")

@@ -49,7 +49,9 @@ def resolve_data_root(config: RunConfig) -> Path:
     return Path(config.data.root)
 
 
-def prepare_data(config: RunConfig, out_dir: str | Path, progress: bool = True) -> PreparedData:
+def validate_and_split(
+    config: RunConfig, out_dir: str | Path, progress: bool = True
+) -> PreparedData:
     """Load, validate (bad files excluded and listed), check trainability and write
     ``config.yaml``, ``validation.json`` and ``split.csv`` into ``out_dir``."""
     root = resolve_data_root(config)
@@ -80,7 +82,7 @@ def prepare_data(config: RunConfig, out_dir: str | Path, progress: bool = True) 
 
 
 def load_prepared(data_root: str | Path, split_csv: str | Path) -> PreparedData:
-    """A dataset with the split an earlier `prepare_data` wrote (every stage reads this)."""
+    """A dataset with the split an earlier `validate_and_split` wrote (every stage reads this)."""
     dataset = load_dataset(data_root)
     split = read_split(split_csv)
     missing = [p for p in split["path"] if not (dataset.root / p).is_file()]

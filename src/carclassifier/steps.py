@@ -1,4 +1,5 @@
-"""One plain function per Kubeflow pipeline step: strings and paths in, a dict out.
+"""One plain function per Kubeflow pipeline step (``<name>_step``): strings and paths in, a dict
+out.
 
 The kfp components in ``components/`` are a few lines each: they pass their artifact paths and
 parameters to a function here and log what it returns as UI outputs (`carclassifier.reports`).
@@ -41,8 +42,8 @@ from carclassifier.artifacts import (
     run_dir,
     with_data_root,
 )
-from carclassifier.config import RunConfig, load_config, parse_config
-from carclassifier.errors import ConfigError, DatasetError
+from carclassifier.config import RunConfig, load_config, resolve_config
+from carclassifier.errors import DatasetError
 from carclassifier.prepare import PreparedData, find_test_images
 
 log = logging.getLogger(__name__)
@@ -70,50 +71,17 @@ def _step(func: Callable[P, R]) -> Callable[P, R]:
         key = os.environ.get(GCS_KEY_FILE_ENV)
         if key and Path(key).is_file() and not os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
             os.environ["GOOGLE_APPLICATION_CREDENTIALS"] = key
+        name = func.__name__.removesuffix("_step")
         started = time.perf_counter()
-        log.info("step %s started", func.__name__)
+        log.info("step %s started", name)
         result = func(*args, **kwargs)
-        log.info("step %s done in %.1f s", func.__name__, time.perf_counter() - started)
+        log.info("step %s done in %.1f s", name, time.perf_counter() - started)
         return result
 
     return wrapper
 
 
 # --------------------------------------------------------------------------- prepare
-
-
-def resolve_config(
-    config_yaml: str,
-    overrides: list[str] | None = None,
-    backbone: str = "",
-    image_size: int = 0,
-    stage_names: list[str] | tuple[str, ...] | None = None,
-) -> RunConfig:
-    """The recipe YAML text with ``KEY=VALUE`` overrides applied, then the pipeline's
-    ``backbone`` ("" = the recipe's) and ``image_size`` (0 = the recipe's ``input.image_size``;
-    stages with their own size keep it). The backbone must be a registered one, and with
-    ``stage_names`` (the stages the pipeline graph was compiled for) the overrides may not
-    change the stage list: both fail here, before any download or GPU pod."""
-    from carclassifier.backbones import get_backbone
-
-    if not isinstance(backbone, str):
-        raise ConfigError(f"backbone {backbone!r} must be a string ('' keeps the recipe's)")
-    if isinstance(image_size, bool) or not isinstance(image_size, int):
-        raise ConfigError(f"image_size {image_size!r} must be a whole number (0: the recipe's)")
-    extra = list(overrides or [])
-    if backbone:
-        extra.append(f"model.backbone={backbone}")
-    if image_size:
-        extra.append(f"input.image_size={image_size}")
-    config = parse_config(config_yaml, extra, "(the pipeline's recipe)")
-    get_backbone(config.model.backbone)
-    names = [stage.name for stage in config.stages]
-    if stage_names is not None and names != list(stage_names):
-        raise ConfigError(
-            f"the overrides make the stages {names}, but this pipeline was compiled for "
-            f"{list(stage_names)}; compile it from the changed recipe (python -m pipelines compile)"
-        )
-    return config
 
 
 def _fetch_data(source: str, config: RunConfig, dest: Path) -> str:
@@ -139,7 +107,7 @@ def _fetch_data(source: str, config: RunConfig, dest: Path) -> str:
 
 
 @_step
-def prepare(
+def prepare_step(
     config_yaml: str,
     overrides: list[str],
     data_source: str,
@@ -155,14 +123,14 @@ def prepare(
     ``stage_names``: the stages the pipeline graph was compiled for; overrides that change the
     stage list fail here, before any GPU pod starts. Returns the manifest.
     """
-    from carclassifier.prepare import prepare_data
+    from carclassifier.prepare import validate_and_split
 
     config = resolve_config(config_yaml, overrides, backbone, image_size, stage_names)
     out = Path(dataset_dir)
     data = out / DATA_DIR
     data.mkdir(parents=True, exist_ok=True)
     source = _fetch_data(data_source, config, data)
-    prepared = prepare_data(with_data_root(config, data), out, progress=False)
+    prepared = validate_and_split(with_data_root(config, data), out, progress=False)
     assert prepared.report is not None  # a fresh prepare always has its report
     prepared.report.usable.to_csv(out / USABLE_FILE, index=False)
     prepared.report.excluded.to_csv(out / EXCLUDED_FILE, index=False)
@@ -214,7 +182,7 @@ def _copy_test_images(config: RunConfig, prepared: PreparedData, out: Path) -> s
 
 
 @_step
-def validate_and_eda(dataset_dir: str, report_html: str) -> dict[str, Any]:
+def eda_step(dataset_dir: str, report_html: str) -> dict[str, Any]:
     """Write the EDA report of the prepared data (from its validation tables, no image is
     decoded twice) to ``report_html``; returns counts for the UI."""
     from carclassifier.data import Finding, ValidationReport, load_dataset
@@ -247,7 +215,7 @@ def validate_and_eda(dataset_dir: str, report_html: str) -> dict[str, Any]:
 
 
 @_step
-def train_stage(
+def train_stage_step(
     dataset_dir: str,
     stage_name: str,
     checkpoint_root: str,
@@ -300,16 +268,18 @@ def _confusion(path: Path) -> list[list[int]]:
 
 
 @_step
-def evaluate(dataset_dir: str, model_path: str, out_dir: str, report_html: str) -> dict[str, Any]:
+def evaluate_step(
+    dataset_dir: str, model_path: str, out_dir: str, report_html: str
+) -> dict[str, Any]:
     """Evaluate the model on the validation split, plain and with TTA, into ``out_dir``
-    (`carclassifier.evaluate.evaluate_model`'s files) and ``report_html``. Returns ``metrics``,
+    (`carclassifier.evaluate.evaluate_classifier`'s files) and ``report_html``. Returns ``metrics``,
     ``class_names``, ``confusion`` and ``confusion_tta`` (rows true, columns predicted)."""
-    from carclassifier.evaluate import evaluate_model
+    from carclassifier.evaluate import evaluate_classifier
     from carclassifier.model import load_model
 
     config, prepared, _ = load_dataset_artifact(dataset_dir)
     classes = prepared.dataset.class_names
-    result = evaluate_model(
+    result = evaluate_classifier(
         load_model(model_path), prepared.dataset.root, prepared.subset("val"), classes, config,
         out_dir, progress=False,
     )  # fmt: skip
@@ -341,7 +311,7 @@ def evaluate(dataset_dir: str, model_path: str, out_dir: str, report_html: str) 
 
 
 @_step
-def predict(
+def predict_step(
     dataset_dir: str, model_path: str, submission_csv: str, checkpoint_root: str, run_key: str
 ) -> dict[str, Any]:
     """Write the submission CSV (``Id,Category``) for the dataset's test images to
@@ -371,7 +341,7 @@ def predict(
 
 
 @_step
-def export(
+def export_step(
     dataset_dir: str,
     model_path: str,
     evaluation_dir: str,
@@ -382,20 +352,13 @@ def export(
     """Export the model (``model.keras``, ``saved_model/``, ``labels.json`` with the evaluation
     in its metadata) to ``export_dir`` and copy it to ``<run dir>/export``, the durable location
     the champion pointer names. Returns ``export_uri`` and the ``metadata``."""
-    from carclassifier.export import export_model
+    from carclassifier.export import export_metadata, write_export
     from carclassifier.model import load_model
 
     config, prepared, manifest = load_dataset_artifact(dataset_dir)
     evaluation = json.loads((Path(evaluation_dir) / "evaluation.json").read_text())
-    metadata = {
-        "backbone": config.model.backbone,
-        "run": config.name,
-        "run_key": run_key,
-        "stage": config.stages[-1].name,
-        "val_accuracy": evaluation["accuracy"],
-        "val_accuracy_tta": evaluation["tta"]["accuracy"],
-    }
-    export_model(load_model(model_path), prepared.dataset.class_names, export_dir, metadata)
+    metadata = export_metadata(config, evaluation, run_key)
+    write_export(load_model(model_path), prepared.dataset.class_names, export_dir, metadata)
     uri = storage.join(run_dir(checkpoint_root, run_key, config), EXPORT_DIR)
     storage.upload_tree(export_dir, uri)
     log.info("export copied to %s", uri)
@@ -403,7 +366,7 @@ def export(
 
 
 @_step
-def gate(
+def gate_step(
     dataset_dir: str,
     export_uri: str,
     champion_pointer: str,
