@@ -179,12 +179,12 @@ def test_tta_averages_views_in_one_pass_and_is_repeatable(client, predictor, mon
     first = client.post("/v1/predict?tta=1", data={"file": [(_io(data), "a.jpg")]}).json
     second = client.post("/v1/predict?tta=1", data={"file": [(_io(data), "a.jpg")]}).json
     plain = client.post("/v1/predict", data={"file": [(_io(data), "a.jpg")]}).json
-    views = ServingConfig().tta_views
+    views = predictor.tta.views  # the fixture's export records no TTA: the library's 5 views
     assert counter.batches == [views, views, 1]
     assert first["tta"] is True and first["tta_views"] == views
     assert first["predictions"] == second["predictions"]
     image = decode_image(data, (SIZE, SIZE), 10**8)
-    transform = tta_transform(AugmentConfig(), SIZE, ServingConfig().seed)
+    transform = tta_transform(AugmentConfig(), SIZE, predictor.tta.seed)
     expected = predictor.predict_tta([image], transform, views)[0]
     got = {t["index"]: t["probability"] for t in first["predictions"][0]["top"]}
     np.testing.assert_allclose([got[i] for i in got], expected[list(got)], atol=1e-5)

@@ -140,22 +140,22 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from carclassifier.augment import tta_transform
+    from carclassifier.augment import TtaSettings
     from carclassifier.config import load_config
-    from carclassifier.export import load_exported
+    from carclassifier.export import export_tta, load_exported
     from carclassifier.inference import model_image_size
     from carclassifier.predict import predict_folder
 
     model, labels = load_exported(args.model)
     config = load_config(args.config, args.set)
-    tta = (
-        tta_transform(config.augment, model_image_size(model)[0], config.data.seed)
-        if args.tta
-        else None
-    )
+    tta = TtaSettings(views=1)
+    if args.tta:
+        tta = export_tta(labels, args.model) or TtaSettings.from_config(config)
+        log.info("TTA: %d views, seed %d (%s)", tta.views, tta.seed,
+                 "as the export was evaluated" if "tta" in labels else "from the config")  # fmt: skip
     frame = predict_folder(
         model, args.images, labels["class_names"], args.output, sample_submission=args.sample_submission,
-        tta=tta, tta_views=config.augment.tta_views if args.tta else 1,
+        tta=tta.transform(model_image_size(model)[0]), tta_views=tta.views, seed=tta.seed,
         batch_size=config.input.batch_size, fmt=args.format,
     )  # fmt: skip
     print(f"{len(frame)} predictions -> {args.output}")
@@ -357,9 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of images (searched recursively)")
     p.add_argument("--output", required=True, help="CSV to write")
     p.add_argument("--sample-submission", help="sample_submission.csv: rows follow its order")
-    p.add_argument("--tta", action="store_true", help="average test-time-augmented views")
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="average test-time-augmented views, made as in the export's evaluation",
+    )
     p.add_argument("--format", choices=["competition", "full"], default="competition")
-    p.add_argument("--config", type=Path, help="config for TTA views and batch size")
+    p.add_argument(
+        "--config", type=Path, help="config for the batch size (and the TTA of an export without)"
+    )
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_predict)
 
@@ -383,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-files", type=int, help="most images per request (default 16)")
     p.add_argument("--top-k", type=int, help="classes returned per image (default 3)")
     p.add_argument("--max-image-pixels", type=int, help="largest image decoded (default 40e6)")
-    p.add_argument("--tta-views", type=int, help="views averaged with ?tta=1 (default 5)")
+    p.add_argument(
+        "--tta-views", type=int, help="views averaged with ?tta=1 (default: the export's, else 5)"
+    )
     p.set_defaults(func=cmd_serve)
     return parser
 

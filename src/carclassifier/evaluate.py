@@ -21,7 +21,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from carclassifier.augment import tta_transform
+from carclassifier.augment import TtaSettings
 from carclassifier.config import RunConfig
 from carclassifier.errors import DatasetError, StorageError
 from carclassifier.inference import check_class_names, model_image_size, predict_views
@@ -161,7 +161,8 @@ def evaluate_classifier(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate on ``frame`` (columns ``path`` relative to ``root``, ``label``) without and with
-    TTA (``config.augment.tta`` / ``tta_views``, seeded with ``config.data.seed``; batches of
+    TTA (`TtaSettings.from_config`: ``config.augment.tta`` / ``tta_views``, seeded with
+    ``config.data.seed``; batches of
     ``config.input.batch_size``), and write into ``out_dir``:
 
     - ``evaluation.json``: accuracy, loss, macro_f1, per_class, ``tta`` (views, accuracy, loss,
@@ -184,16 +185,16 @@ def evaluate_classifier(
     )
     labels = _check_frame(frame, num_classes)
     height, width = model_image_size(model)
-    views = config.augment.tta_views
-    tta = tta_transform(config.augment, height, config.data.seed) if views > 1 else None
+    tta = TtaSettings.from_config(config)
+    views = tta.views
     paths = [Path(root) / p for p in frame["path"]]
     plain, averaged = predict_views(
         model,
         paths,
         config.input.batch_size,
-        tta,
+        tta.transform(height),
         views,
-        config.data.seed,
+        tta.seed,
         progress,
     )
     base = classification_metrics(labels, plain, class_names)

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 def run_local(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Run the recipe end to end under ``config.output_dir``; returns the summary."""
+    from carclassifier.augment import TtaSettings
     from carclassifier.eda import write_eda_report
     from carclassifier.evaluate import evaluate_classifier
     from carclassifier.export import export_metadata, write_export
@@ -52,6 +53,7 @@ def run_local(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         classes,
         out / "export",
         metadata=export_metadata(config, evaluation),
+        tta=TtaSettings.from_config(config),
     )
     submission = None
     test_dir = find_test_images(config, prepared)

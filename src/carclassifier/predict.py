@@ -83,6 +83,7 @@ def predict_folder(
     sample_submission: Path | None = None,
     tta: Transform | None = None,
     tta_views: int = 1,
+    seed: int = 0,
     batch_size: int = 32,
     fmt: SubmissionFormat = "competition",
     top_k: int = 3,
@@ -95,7 +96,7 @@ def predict_folder(
     ``sample_submission`` rows are sorted by Id; with it (a CSV with an ``Id`` column) rows follow
     its order, an Id without an image (or with an unreadable one) is a `DatasetError`, and images
     the sample does not list are left out with a warning. Otherwise unreadable images are left
-    out with a warning. ``tta``/``tta_views``/``batch_size`` are as in
+    out with a warning. ``tta``/``tta_views``/``seed``/``batch_size`` are as in
     `carclassifier.inference.predict_proba`. Returns the frame written.
     """
     if fmt not in ("competition", "full"):
@@ -140,6 +141,7 @@ def predict_folder(
         batch_size=batch_size,
         tta=tta,
         tta_views=tta_views,
+        seed=seed,
         progress=progress,
         skip_unreadable=True,
     )

@@ -352,13 +352,17 @@ def export_step(
     """Export the model (``model.keras``, ``saved_model/``, ``labels.json`` with the evaluation
     in its metadata) to ``export_dir`` and copy it to ``<run dir>/export``, the durable location
     the champion pointer names. Returns ``export_uri`` and the ``metadata``."""
+    from carclassifier.augment import TtaSettings
     from carclassifier.export import export_metadata, write_export
     from carclassifier.model import load_model
 
     config, prepared, manifest = load_dataset_artifact(dataset_dir)
     evaluation = json.loads((Path(evaluation_dir) / "evaluation.json").read_text())
     metadata = export_metadata(config, evaluation, run_key)
-    write_export(load_model(model_path), prepared.dataset.class_names, export_dir, metadata)
+    write_export(
+        load_model(model_path), prepared.dataset.class_names, export_dir, metadata,
+        tta=TtaSettings.from_config(config),
+    )  # fmt: skip
     uri = storage.join(run_dir(checkpoint_root, run_key, config), EXPORT_DIR)
     storage.upload_tree(export_dir, uri)
     log.info("export copied to %s", uri)

@@ -40,9 +40,16 @@ class ServingConfig(BaseModel):
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Largest width x height decoded (decompression-bomb guard)."
     )
-    tta_views: int = Field(5, ge=2, le=32, description="Views averaged with ?tta=1.")
-    seed: int = Field(
-        0, description="Seed of the TTA draws (the same image gives the same result)."
+    tta_views: int | None = Field(
+        None,
+        ge=2,
+        le=32,
+        description="Views averaged with ?tta=1 (default: as the export was evaluated, else 5).",
+    )
+    seed: int | None = Field(
+        None,
+        description="Seed of the TTA draws (the same image gives the same result; default: the "
+        "export's, else 0).",
     )
 
     @property
