@@ -125,20 +125,20 @@ def measure(client: Any, bucket: Any, name: str, artifact: Path, work: Path) -> 
 def demo_artifacts(work: Path) -> tuple[Path, Path, float]:
     """The prepare step's Dataset artifact of the demo data (shards), and the same artifact in
     the old layout (data/, test/ as folders). Returns both and the packing time."""
-    from carclassifier import steps
+    from carclassifier import artifacts, steps
     from carclassifier.config import dump_config, load_config
 
     recipe = dump_config(load_config(None, ["name=bench"]))
     new = work / "demo-new"
-    steps.prepare(recipe, [], "", str(new))
+    steps.prepare_step(recipe, [], "", str(new))
     old = work / "demo-old"
-    shutil.copytree(new, old, ignore=shutil.ignore_patterns(steps.SHARD_DIR))
+    shutil.copytree(new, old, ignore=shutil.ignore_patterns(artifacts.SHARD_DIR))
     from carclassifier import shards
 
-    shards.extract_shards(new / steps.SHARD_DIR, old)
+    shards.extract_shards(new / artifacts.SHARD_DIR, old)
     pack_s, _ = _timed(lambda: shards.write_shards(old, ["data", "test"], work / "demo-repack"))
     assert (work / "demo-repack" / "index.json").read_bytes() == (
-        new / steps.SHARD_DIR / "index.json"
+        new / artifacts.SHARD_DIR / "index.json"
     ).read_bytes(), "packing the old layout again must give the very same shards"
     return old, new, pack_s
 
@@ -170,7 +170,7 @@ def main() -> None:
     os.environ["STORAGE_EMULATOR_HOST"] = endpoint
     results: dict[str, Any] = {}
     try:
-        from carclassifier import shards, steps, storage
+        from carclassifier import artifacts, shards, storage
 
         client = storage.gcs_client()
         bucket = client.create_bucket("bench")
@@ -184,7 +184,7 @@ def main() -> None:
                 print(f"{case}: measuring the old layout ({old}) and the shards ({new})")
                 before = measure(client, bucket, f"{case}-old", old, work)
                 after = measure(client, bucket, f"{case}-new", new, work)
-                shard_dir = after["downloaded_to"] / steps.SHARD_DIR
+                shard_dir = after["downloaded_to"] / artifacts.SHARD_DIR
                 started = time.perf_counter()
                 shards.extract_shards(shard_dir, work / f"{case}-unpacked")
                 unpack_s = time.perf_counter() - started

@@ -9,6 +9,6 @@ from components._base import trainer_component
 def validate_and_eda(dataset: Input[Dataset], report: Output[HTML], metrics: Output[Metrics]):
     """The EDA report (class balance, sizes, aspect ratios, samples, augmentations, findings;
     self-contained HTML) and the validation counts."""
-    from carclassifier import steps
+    from carclassifier import reports, steps
 
-    steps.log_metrics(metrics, steps.validate_and_eda(dataset.path, report.path))
+    reports.log_metrics(metrics, steps.eda_step(dataset.path, report.path))

@@ -17,9 +17,9 @@ def evaluate_model(
 ):
     """Accuracy, loss and macro F1 without and with test-time augmentation, confusion matrices
     (UI and CSV), per-class metrics and validation predictions."""
-    from carclassifier import steps
+    from carclassifier import reports, steps
 
-    result = steps.evaluate(dataset.path, model.path, evaluation.path, report.path)
-    steps.log_metrics(metrics, result["metrics"])
-    steps.log_confusion(confusion, result["class_names"], result["confusion"])
-    steps.log_confusion(confusion_tta, result["class_names"], result["confusion_tta"])
+    result = steps.evaluate_step(dataset.path, model.path, evaluation.path, report.path)
+    reports.log_metrics(metrics, result["metrics"])
+    reports.log_confusion(confusion, result["class_names"], result["confusion"])
+    reports.log_confusion(confusion_tta, result["class_names"], result["confusion_tta"])

@@ -18,7 +18,7 @@ def export_model(
     returns the durable copy's URI, <checkpoint_root>/<run_key>/export."""
     from carclassifier import steps
 
-    result = steps.export(
+    result = steps.export_step(
         dataset.path, model.path, evaluation.path, exported.path, checkpoint_root, run_key
     )
     exported.metadata.update({"export_uri": result["export_uri"], **result["metadata"]})

@@ -18,10 +18,10 @@ def champion_gate(
     """Compare the challenger export with the current champion on this run's validation images;
     rewrite the champion pointer when the challenger wins by more than min_improvement (or
     there is no champion). Returns whether it was promoted."""
-    from carclassifier import steps
+    from carclassifier import reports, steps
 
-    result = steps.gate(
+    result = steps.gate_step(
         dataset.path, export_uri, champion_pointer, min_improvement, checkpoint_root, decision.path
     )
-    steps.log_metrics(metrics, result["metrics"])
+    reports.log_metrics(metrics, result["metrics"])
     return result["promoted"]

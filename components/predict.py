@@ -18,5 +18,5 @@ def predict_submission(
     from carclassifier import steps
 
     submission.metadata.update(
-        steps.predict(dataset.path, model.path, submission.path, checkpoint_root, run_key)
+        steps.predict_step(dataset.path, model.path, submission.path, checkpoint_root, run_key)
     )

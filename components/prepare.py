@@ -23,7 +23,7 @@ def prepare_data(
     run's folder under the checkpoint root."""
     from carclassifier import steps
 
-    manifest = steps.prepare(
+    manifest = steps.prepare_step(
         config_yaml, overrides, data_source, dataset.path, backbone, image_size, stage_names
     )
     dataset.metadata.update({k: v for k, v in manifest.items() if k != "class_names"})

@@ -19,11 +19,11 @@ def train_stage(
     """Train stage stage_name from init_model (none: a fresh model) with per-epoch checkpoints
     under <checkpoint_root>/<run_key>/stages/<stage_name>, so a retried pod resumes mid-stage.
     Outputs the stage's best model, its metrics and the accuracy/loss curves."""
-    from carclassifier import steps
+    from carclassifier import reports, steps
 
-    result = steps.train_stage(
+    result = steps.train_stage_step(
         dataset.path, stage_name, checkpoint_root, run_key,
         init_model.path if init_model is not None else None, model.path, curves.path,
     )  # fmt: skip
-    steps.log_metrics(metrics, result["metrics"])
+    reports.log_metrics(metrics, result["metrics"])
     model.metadata.update(result["model"])

@@ -27,9 +27,9 @@ METADATA = {"backbone": "tiny", "run": "serving-test", "stage": "stage_1", "val_
 
 def export_fixture(folder: Path) -> Path:
     """A 3-class, 32 px model exported like the pipeline does (model.keras, saved_model/1/)."""
-    from carclassifier.export import export_model
+    from carclassifier.export import write_export
 
-    return export_model(tiny_model(SIZE, len(CLASSES)), CLASSES, folder / "export", METADATA)
+    return write_export(tiny_model(SIZE, len(CLASSES)), CLASSES, folder / "export", METADATA)
 
 
 def photos(folder: Path, n: int = 4) -> list[Path]:

@@ -19,14 +19,14 @@ from carclassifier import deploy, storage
 
 def _export(folder: Path, flip: bool = False) -> Path:
     """An export of the tiny model; ``flip`` reverses its output layer (other answers)."""
-    from carclassifier.export import export_model
+    from carclassifier.export import write_export
 
     model = tiny_model(SIZE, len(CLASSES))
     if flip:
         dense = model.layers[-1]
         kernel, bias = dense.get_weights()
         dense.set_weights([-kernel[:, ::-1] * 5, bias[::-1]])
-    return export_model(model, CLASSES, folder, METADATA)
+    return write_export(model, CLASSES, folder, METADATA)
 
 
 @pytest.fixture(scope="module")

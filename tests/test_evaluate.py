@@ -1,4 +1,4 @@
-"""Evaluation with test-time augmentation: predict_proba and evaluate_model's outputs."""
+"""Evaluation with test-time augmentation: predict_proba and evaluate_classifier's outputs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from carclassifier.augment import tta_transform
 from carclassifier.config import RunConfig
 from carclassifier.data import load_dataset, load_image
 from carclassifier.errors import DatasetError
-from carclassifier.evaluate import evaluate_model, predict_proba, predict_views
+from carclassifier.evaluate import evaluate_classifier
+from carclassifier.inference import predict_proba, predict_views
 
 SIZE = 32
 CLASSES = ["audi", "bmw", "lada"]
@@ -93,10 +94,10 @@ def test_unreadable_image_raises_or_gets_a_nan_row(model, dataset, tmp_path):
     assert np.isnan(probs[2]).all() and not np.isnan(probs[:2]).any()
 
 
-def test_evaluate_model_writes_consistent_outputs(model, dataset, config, tmp_path):
+def test_evaluate_classifier_writes_consistent_outputs(model, dataset, config, tmp_path):
     root, frame = dataset
     out = tmp_path / "eval"
-    result = evaluate_model(model, root, frame, CLASSES, config, out, progress=False)
+    result = evaluate_classifier(model, root, frame, CLASSES, config, out, progress=False)
     n = len(frame)
 
     saved = json.loads((out / "evaluation.json").read_text())
@@ -140,14 +141,14 @@ def test_evaluate_model_writes_consistent_outputs(model, dataset, config, tmp_pa
         assert png.format == "PNG" and png.width > 400 and png.height > 200
 
 
-def test_evaluate_model_rejects_mismatches(model, dataset, config, tmp_path):
+def test_evaluate_classifier_rejects_mismatches(model, dataset, config, tmp_path):
     root, frame = dataset
     with pytest.raises(DatasetError, match="2 class names but the model outputs 3"):
-        evaluate_model(model, root, frame, CLASSES[:2], config, tmp_path, progress=False)
+        evaluate_classifier(model, root, frame, CLASSES[:2], config, tmp_path, progress=False)
     with pytest.raises(DatasetError, match="no validation images"):
-        evaluate_model(model, root, frame.iloc[:0], CLASSES, config, tmp_path, progress=False)
+        evaluate_classifier(model, root, frame.iloc[:0], CLASSES, config, tmp_path, progress=False)
     with pytest.raises(DatasetError, match="outside the 3 classes"):
-        evaluate_model(
+        evaluate_classifier(
             model, root, frame.assign(label=5), CLASSES, config, tmp_path, progress=False
         )
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from carclassifier.export import export_model
+from carclassifier.export import write_export
 from carclassifier.gate import ModelResult, champion_challenger, compare, mcnemar_exact
 
 CLASSES = ["red", "green", "blue"]
@@ -50,10 +50,10 @@ def colour_model(permutation):
 def exports(tmp_path_factory):
     base = tmp_path_factory.mktemp("exports")
     return {
-        "good": str(export_model(colour_model([0, 1, 2]), CLASSES, base / "good")),
-        "bad": str(export_model(colour_model([1, 2, 0]), CLASSES, base / "bad")),
+        "good": str(write_export(colour_model([0, 1, 2]), CLASSES, base / "good")),
+        "bad": str(write_export(colour_model([1, 2, 0]), CLASSES, base / "bad")),
         "other_classes": str(
-            export_model(colour_model([0, 1, 2]), ["a", "b", "c"], base / "other")
+            write_export(colour_model([0, 1, 2]), ["a", "b", "c"], base / "other")
         ),
     }
 

@@ -11,11 +11,11 @@ from gcs_fault_proxy import FaultProxy
 from test_preemption import small_init_model
 
 from carclassifier import storage
+from carclassifier.artifacts import make_run_key
 from carclassifier.checkpoints import StageConflictError, claim_stage, write_checkpoint
 from carclassifier.config import load_config
-from carclassifier.prepare import prepare_data
+from carclassifier.prepare import validate_and_split
 from carclassifier.stages import run_stage, stage_fingerprint
-from carclassifier.steps import make_run_key
 
 STAGE = "stages=[{name: stage_1, epochs: 1, unfreeze: 0.5, learning_rate: 0.01}]"
 
@@ -37,7 +37,7 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, str]]:
 def setup(make_folder_dataset, tmp_path):
     data = make_folder_dataset(per_class=4)
     config = _config(tmp_path / "run", data)
-    prepared = prepare_data(config, tmp_path / "run", progress=False)
+    prepared = validate_and_split(config, tmp_path / "run", progress=False)
     init = str(small_init_model(tmp_path / "init.keras"))
     return data, config, prepared, init
 

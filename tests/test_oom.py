@@ -9,7 +9,7 @@ from test_preemption import small_init_model
 
 from carclassifier import checkpoints
 from carclassifier.config import load_config
-from carclassifier.prepare import prepare_data
+from carclassifier.prepare import validate_and_split
 from carclassifier.stages import StageOutOfMemoryError, run_stage
 
 STAGE = "stages=[{name: stage_1, epochs: 2, unfreeze: 0.5, learning_rate: 0.01}]"
@@ -25,7 +25,7 @@ def test_out_of_memory_names_the_batch_and_keeps_the_checkpoint(
 ):
     data = make_folder_dataset(per_class=4)
     config = _config(tmp_path / "run", data)
-    prepared = prepare_data(config, tmp_path / "run", progress=False)
+    prepared = validate_and_split(config, tmp_path / "run", progress=False)
     init = str(small_init_model(tmp_path / "init.keras"))
     out = str(tmp_path / "run" / "stages" / "stage_1")
 

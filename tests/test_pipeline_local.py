@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_dataset
 
-from carclassifier import steps, storage
+from carclassifier import artifacts, reports, steps, storage
 from carclassifier.config import dump_config, load_config
 from carclassifier.errors import ConfigError, DatasetError
 from pipelines import run_pipeline_local
@@ -37,13 +37,13 @@ TASKS_IN_ORDER = [
 @pytest.fixture(scope="module", autouse=True)
 def _scratch(tmp_path_factory: pytest.TempPathFactory):
     """Unpacked image shards go to a test folder, also in kfp.local's task subprocesses."""
-    previous = os.environ.get(steps.SCRATCH_ENV)
-    os.environ[steps.SCRATCH_ENV] = str(tmp_path_factory.mktemp("scratch"))
+    previous = os.environ.get(artifacts.SCRATCH_ENV)
+    os.environ[artifacts.SCRATCH_ENV] = str(tmp_path_factory.mktemp("scratch"))
     yield
     if previous is None:
-        os.environ.pop(steps.SCRATCH_ENV, None)
+        os.environ.pop(artifacts.SCRATCH_ENV, None)
     else:
-        os.environ[steps.SCRATCH_ENV] = previous
+        os.environ[artifacts.SCRATCH_ENV] = previous
 
 
 def _recipe(*extra: str) -> str:
@@ -68,11 +68,13 @@ def test_resolve_config_applies_overrides_then_parameters():
 
 def test_prepare_writes_the_dataset_artifact_and_a_stable_run_key(tmp_path):
     data = tiny_dataset(tmp_path / "cars")
-    first = steps.prepare(
+    first = steps.prepare_step(
         _recipe(), [], str(data), str(tmp_path / "a"), stage_names=["stage_1", "stage_2"]
     )
-    again = steps.prepare(_recipe(), [], str(data), str(tmp_path / "b"))
-    longer = steps.prepare(_recipe(), ["stages.stage_2.epochs=2"], str(data), str(tmp_path / "c"))
+    again = steps.prepare_step(_recipe(), [], str(data), str(tmp_path / "b"))
+    longer = steps.prepare_step(
+        _recipe(), ["stages.stage_2.epochs=2"], str(data), str(tmp_path / "c")
+    )
     assert first["run_key"] == again["run_key"] != longer["run_key"]
     assert first["run_key"].startswith("steps-test-")
     assert first["test_dir"] == "data/test_upload"
@@ -85,12 +87,12 @@ def test_prepare_writes_the_dataset_artifact_and_a_stable_run_key(tmp_path):
     for name in ("config.yaml", "split.csv", "validation.json", "usable.csv", "dataset.json"):
         assert (artifact / name).is_file()
     assert (artifact / "shards" / "index.json").is_file() and not (artifact / "data").exists()
-    config, prepared, manifest = steps.load_dataset_artifact(str(artifact))
-    root = (steps.images_root(str(artifact)) / "data").resolve()
+    config, prepared, manifest = artifacts.load_dataset_artifact(str(artifact))
+    root = (artifacts.images_root(str(artifact)) / "data").resolve()
     assert prepared.dataset.root == root and manifest == first
     assert config.stage("stage_2").epochs == 1
 
-    counts = steps.validate_and_eda(str(artifact), str(tmp_path / "eda" / "report.html"))
+    counts = steps.eda_step(str(artifact), str(tmp_path / "eda" / "report.html"))
     assert counts["images"] == 8 and counts["classes"] == 2 and counts["excluded"] == 0
     assert "data:image/png;base64," in (tmp_path / "eda" / "report.html").read_text()
 
@@ -98,17 +100,17 @@ def test_prepare_writes_the_dataset_artifact_and_a_stable_run_key(tmp_path):
 def test_a_dataset_without_test_folder_gets_no_test_images(tmp_path):
     data = tiny_dataset(tmp_path / "cars")
     shutil.rmtree(data / "test_upload")
-    manifest = steps.prepare(_recipe(), [], str(data), str(tmp_path / "a"))
+    manifest = steps.prepare_step(_recipe(), [], str(data), str(tmp_path / "a"))
     assert manifest["test_dir"] is None and not (tmp_path / "a" / "test").exists()
 
 
 def test_the_gate_leaves_a_pointer_that_already_names_the_export(tmp_path):
     artifact = tmp_path / "dataset"
-    steps.prepare(_recipe(), [], str(tiny_dataset(tmp_path / "cars")), str(artifact))
+    steps.prepare_step(_recipe(), [], str(tiny_dataset(tmp_path / "cars")), str(artifact))
     pointer = tmp_path / "champion.json"
     text = json.dumps({"export": "gs://b/run/export", "val_accuracy": 0.75})
     pointer.write_text(text)
-    decision = steps.gate(
+    decision = steps.gate_step(
         str(artifact), "gs://b/run/export", str(pointer), 0.0, "", str(tmp_path / "decision.md")
     )
     assert decision["promoted"] is False and decision["metrics"]["champion_accuracy"] == 0.75
@@ -118,9 +120,9 @@ def test_the_gate_leaves_a_pointer_that_already_names_the_export(tmp_path):
 
 def test_prepare_refuses_a_changed_stage_list_and_an_unknown_source(tmp_path):
     with pytest.raises(ConfigError, match="compiled for"):
-        steps.prepare(_recipe(), [], "", str(tmp_path / "x"), stage_names=["stage_1"])
+        steps.prepare_step(_recipe(), [], "", str(tmp_path / "x"), stage_names=["stage_1"])
     with pytest.raises(DatasetError, match="neither 'kaggle'"):
-        steps.prepare(_recipe(), [], str(tmp_path / "nowhere"), str(tmp_path / "y"))
+        steps.prepare_step(_recipe(), [], str(tmp_path / "nowhere"), str(tmp_path / "y"))
 
 
 def test_log_metrics_also_writes_the_artifact_file(tmp_path):
@@ -132,7 +134,7 @@ def test_log_metrics_also_writes_the_artifact_file(tmp_path):
             self.logged[name] = value
 
     artifact = FakeMetrics()
-    steps.log_metrics(artifact, {"val_accuracy": 0.5, "epochs": 2})
+    reports.log_metrics(artifact, {"val_accuracy": 0.5, "epochs": 2})
     assert artifact.logged == {"val_accuracy": 0.5, "epochs": 2}
     assert json.loads(Path(artifact.path).read_text()) == artifact.logged
 

@@ -1,4 +1,4 @@
-"""Submission files (predict_folder) and the serving export (export_model / load_exported)."""
+"""Submission files (predict_folder) and the serving export (write_export / load_exported)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from conftest import tiny_model, write_image
 
 from carclassifier.errors import DatasetError, StorageError
-from carclassifier.evaluate import predict_proba
-from carclassifier.export import export_model, load_exported
+from carclassifier.export import load_exported, write_export
+from carclassifier.inference import predict_proba
 from carclassifier.predict import predict_folder
 
 SIZE = 32
@@ -126,7 +126,7 @@ def test_empty_or_missing_folder_is_a_clear_error(model, tmp_path):
 def exported(model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "model"
     metadata = {"backbone": "tiny", "accuracy": np.float32(0.5), "image_size": np.int64(SIZE)}
-    assert export_model(model, CLASSES, out, metadata) == out
+    assert write_export(model, CLASSES, out, metadata) == out
     return out
 
 
@@ -171,11 +171,16 @@ def test_export_replaces_an_existing_folder(tmp_path):
     out = tmp_path / "export"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    export_model(other, ["x", "y"], out)
-    assert sorted(p.name for p in out.iterdir()) == ["labels.json", "model.keras", "model.onnx", "saved_model"]
+    write_export(other, ["x", "y"], out)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "labels.json",
+        "model.keras",
+        "model.onnx",
+        "saved_model",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     with pytest.raises(ValueError, match="3 class names but the model outputs 2"):
-        export_model(other, CLASSES, tmp_path / "bad")
+        write_export(other, CLASSES, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
 
 
@@ -207,7 +212,7 @@ def test_load_exported_from_gcs(model, exported, gcs_emulator, tmp_path):
     with pytest.raises(StorageError, match="not a complete export"):
         load_exported(f"gs://{bucket.name}/runs/other")
     # a re-export to the same prefix is what the next load gets (no stale cache)
-    newer = export_model(tiny_model(num_classes=2), ["x", "y"], tmp_path / "newer")
+    newer = write_export(tiny_model(num_classes=2), ["x", "y"], tmp_path / "newer")
     for name in ("model.keras", "labels.json"):
         bucket.blob(f"runs/x/export/{name}").upload_from_filename(str(newer / name))
     reloaded, labels = load_exported(f"gs://{bucket.name}/runs/x/export")
@@ -223,7 +228,7 @@ def test_export_of_the_real_classifier_loads_in_safe_mode(tmp_path):
     from carclassifier.model import build_classifier
 
     model = build_classifier(ModelConfig(backbone="efficientnet_lite0", weights=None), 3, SIZE)
-    out = export_model(model, CLASSES, tmp_path / "export", {"backbone": "efficientnet_lite0"})
+    out = write_export(model, CLASSES, tmp_path / "export", {"backbone": "efficientnet_lite0"})
     loaded, labels = load_exported(out)
     assert labels["metadata"]["backbone"] == "efficientnet_lite0"
     x = _pixels(2)
@@ -233,3 +238,65 @@ def test_export_of_the_real_classifier_loads_in_safe_mode(tmp_path):
     np.testing.assert_allclose(
         serving(image=tf.constant(x))["output_0"].numpy(), expected, atol=1e-6, rtol=0
     )
+
+
+# --------------------------------------------------------------------------- the recipe's TTA
+
+
+def test_the_recipes_tta_gives_the_same_numbers_in_evaluate_predict_and_serving(model, tmp_path):
+    """An export of the B6 recipe (8 TTA views, seed 42) records its TTA; evaluation,
+    ``carclassifier predict --tta`` (no --config) and the server's ``?tta=1`` (no --tta-views)
+    then average the very same views of a photo."""
+    from carclassifier.augment import TtaSettings
+    from carclassifier.cli import main
+    from carclassifier.config import load_config
+    from carclassifier.evaluate import evaluate_classifier
+    from carclassifier.serving.app import create_app
+    from carclassifier.serving.config import ServingConfig
+    from carclassifier.serving.predictor import Predictor
+
+    config = load_config("configs/recipe_b6.yaml")
+    assert (config.augment.tta_views, config.data.seed) == (8, 42)
+    photo = write_image(tmp_path / "photos" / "car.jpg", (90, 60), seed=5)
+    export = write_export(
+        model, CLASSES, tmp_path / "export", onnx=False, tta=TtaSettings.from_config(config)
+    )
+    recorded = json.loads((export / "labels.json").read_text())["tta"]
+    assert recorded == {"transforms": config.augment.tta, "views": 8, "seed": 42}
+
+    frame = pd.DataFrame({"path": ["car.jpg"], "label": [0]})
+    evaluate_classifier(model, photo.parent, frame, CLASSES, config, tmp_path / "eval", False)
+    evaluated = pd.read_csv(tmp_path / "eval" / "predictions_val.csv").iloc[0]
+
+    out = tmp_path / "predicted.csv"
+    argv = ["predict", "--model", str(export), "--images", str(photo.parent), "--output", str(out)]
+    assert main([*argv, "--tta", "--format", "full"]) == 0
+    row = pd.read_csv(out).iloc[0]
+    predicted = {row[f"top{k}_class"]: row[f"top{k}_prob"] for k in (1, 2, 3)}
+
+    client = create_app(ServingConfig(model=str(export)), Predictor.load(export, "keras"))
+    with photo.open("rb") as handle:
+        body = (
+            client.test_client()
+            .post("/v1/predict?tta=1&top_k=3", data={"file": [(handle, "car.jpg")]})
+            .json
+        )
+    served = {t["class"]: t["probability"] for t in body["predictions"][0]["top"]}
+
+    assert body["tta_views"] == 8
+    assert evaluated["predicted_tta_class"] == row["top1_class"] == max(served, key=served.get)
+    np.testing.assert_allclose(evaluated["prob_tta"], predicted[row["top1_class"]], atol=1e-6)
+    np.testing.assert_allclose(
+        [predicted[c] for c in CLASSES], [served[c] for c in CLASSES], atol=1e-6
+    )
+    assert abs(evaluated["prob_tta"] - evaluated["prob"]) > 1e-4  # the views changed something
+
+
+def test_an_export_with_a_broken_tta_record_is_refused(model, tmp_path):
+    export = write_export(model, CLASSES, tmp_path / "export", onnx=False)
+    labels = json.loads((export / "labels.json").read_text())
+    assert "tta" not in labels  # no TTA given: readers use the library's
+    labels["tta"] = {"transforms": [], "views": 0, "seed": 1}
+    (export / "labels.json").write_text(json.dumps(labels))
+    with pytest.raises(StorageError, match="tta_views"):
+        load_exported(export)

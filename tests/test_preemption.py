@@ -22,7 +22,7 @@ from conftest import write_image
 
 from carclassifier.config import load_config
 from carclassifier.errors import PREEMPTED_EXIT_CODE
-from carclassifier.prepare import prepare_data
+from carclassifier.prepare import validate_and_split
 from carclassifier.stages import run_stage
 
 EPOCHS = 3
@@ -96,7 +96,7 @@ def prepared_run(tmp_path_factory):
             write_image(data / cls / f"img_{i}.jpg", seed=c * 100 + i)
     out = root / "run"
     config = load_config(None, [f"data.root={data}", f"output_dir={out}", *SETTINGS])
-    prepared = prepare_data(config, out, progress=False)
+    prepared = validate_and_split(config, out, progress=False)
 
     def args(stage_out: Path) -> list[str]:
         sets = [x for s in SETTINGS for x in ("--set", s)]

@@ -96,7 +96,7 @@ def test_backends_agree_and_keras_loads_in_safe_mode(export_dir, real_photos):
 
 
 def test_auto_backend_is_onnx_when_the_export_has_it(export_dir, tmp_path):
-    assert (export_dir / "model.onnx").is_file()  # written by export_model, checked vs Keras
+    assert (export_dir / "model.onnx").is_file()  # written by write_export, checked vs Keras
     assert Predictor.load(export_dir).backend == "onnx"
     without = tmp_path / "no-onnx"
     shutil.copytree(export_dir, without)
@@ -179,12 +179,12 @@ def test_tta_averages_views_in_one_pass_and_is_repeatable(client, predictor, mon
     first = client.post("/v1/predict?tta=1", data={"file": [(_io(data), "a.jpg")]}).json
     second = client.post("/v1/predict?tta=1", data={"file": [(_io(data), "a.jpg")]}).json
     plain = client.post("/v1/predict", data={"file": [(_io(data), "a.jpg")]}).json
-    views = ServingConfig().tta_views
+    views = predictor.tta.views  # the fixture's export records no TTA: the library's 5 views
     assert counter.batches == [views, views, 1]
     assert first["tta"] is True and first["tta_views"] == views
     assert first["predictions"] == second["predictions"]
     image = decode_image(data, (SIZE, SIZE), 10**8)
-    transform = tta_transform(AugmentConfig(), SIZE, ServingConfig().seed)
+    transform = tta_transform(AugmentConfig(), SIZE, predictor.tta.seed)
     expected = predictor.predict_tta([image], transform, views)[0]
     got = {t["index"]: t["probability"] for t in first["predictions"][0]["top"]}
     np.testing.assert_allclose([got[i] for i in got], expected[list(got)], atol=1e-5)

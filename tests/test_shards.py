@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 from conftest import write_image
 
-from carclassifier import shards, steps
+from carclassifier import artifacts, shards, steps
 from carclassifier.config import dump_config, load_config
 from carclassifier.data import load_dataset, load_image, read_split
 from carclassifier.errors import DatasetError
@@ -96,11 +96,11 @@ def test_prepare_hands_on_shards_and_later_steps_see_the_same_data(
 ) -> None:
     """The Dataset artifact holds a few objects, not one per image, and a reading step gets
     the same records, labels, split and test images as from the folder itself."""
-    monkeypatch.setenv(steps.SCRATCH_ENV, str(tmp_path / "scratch"))
+    monkeypatch.setenv(artifacts.SCRATCH_ENV, str(tmp_path / "scratch"))
     data = source / "data"
     write_image(data / "test_upload" / "t_1.jpg", seed=51)
     artifact = tmp_path / "artifact"
-    manifest = steps.prepare(_recipe(), [], str(data), str(artifact))
+    manifest = steps.prepare_step(_recipe(), [], str(data), str(artifact))
     files = sorted(p.relative_to(artifact).as_posix() for p in artifact.rglob("*") if p.is_file())
     assert files == [
         "config.yaml", "dataset.json", "excluded.csv", "shards/images-00000.tar",
@@ -109,7 +109,7 @@ def test_prepare_hands_on_shards_and_later_steps_see_the_same_data(
     assert manifest["shards"] == 1 and manifest["test_dir"] == "data/test_upload"
     assert manifest["shards_sha256"] == shards.index_digest(artifact / "shards")
 
-    config, prepared, read_back = steps.load_dataset_artifact(str(artifact))
+    config, prepared, read_back = artifacts.load_dataset_artifact(str(artifact))
     assert read_back == manifest
     root = prepared.dataset.root
     assert root.is_relative_to((tmp_path / "scratch").resolve())
@@ -123,7 +123,7 @@ def test_prepare_hands_on_shards_and_later_steps_see_the_same_data(
     assert (root.parent / manifest["test_dir"] / "t_1.jpg").read_bytes() == (
         data / "test_upload" / "t_1.jpg"
     ).read_bytes()
-    again = steps.images_root(str(artifact))
+    again = artifacts.images_root(str(artifact))
     assert again == root.parent  # unpacked once per pod
     assert json.loads((artifact / "dataset.json").read_text()) == manifest
 
@@ -158,13 +158,13 @@ def test_an_altered_or_foreign_shard_is_a_clear_error(source: Path, tmp_path: Pa
 def test_a_damaged_shard_fails_the_reading_step_not_later(
     source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(steps.SCRATCH_ENV, str(tmp_path / "scratch"))
+    monkeypatch.setenv(artifacts.SCRATCH_ENV, str(tmp_path / "scratch"))
     artifact = tmp_path / "artifact"
-    steps.prepare(_recipe(), [], str(source / "data"), str(artifact))
+    steps.prepare_step(_recipe(), [], str(source / "data"), str(artifact))
     shard = artifact / "shards" / "images-00000.tar"
     shard.write_bytes(shard.read_bytes()[:-2048])
     with pytest.raises(DatasetError, match="images-00000.tar is .* bytes, but index.json says"):
-        steps.load_dataset_artifact(str(artifact))
+        artifacts.load_dataset_artifact(str(artifact))
     assert list((tmp_path / "scratch").iterdir()) == []
 
 

@@ -17,7 +17,7 @@ from carclassifier import storage
 from carclassifier.checkpoints import read_checkpoint, write_checkpoint
 from carclassifier.config import ModelConfig, load_config
 from carclassifier.model import backbone_blocks, build_classifier, set_trainable
-from carclassifier.prepare import prepare_data
+from carclassifier.prepare import validate_and_split
 from carclassifier.stages import run_stage
 from carclassifier.training_callbacks import _lr_factor
 
@@ -142,7 +142,7 @@ KILL_AFTER_FIRST_EPOCH = textwrap.dedent(
 def test_a_killed_stage_resumes_after_its_last_epoch(make_folder_dataset, tmp_path):
     data = make_folder_dataset(per_class=4)
     out = tmp_path / "run"
-    prepare_data(tiny_config(out, data), out, progress=False)
+    validate_and_split(tiny_config(out, data), out, progress=False)
     stage_out = out / "stages" / "stage_1"
     args = ["train-stage", "--data", str(data), "--out", str(out), "--split", str(out / "split.csv"),
             "--set", "model.weights=null", "--set", "input.image_size=32", "--set", "input.batch_size=4",
@@ -172,7 +172,7 @@ def test_stage_outputs_to_gcs_and_reruns_are_skipped(make_folder_dataset, tmp_pa
         data,
         "stages=[{name: stage_1, epochs: 1, unfreeze: 0.0, learning_rate: 0.01}]",
     )
-    prepared = prepare_data(config, tmp_path / "run", progress=False)
+    prepared = validate_and_split(config, tmp_path / "run", progress=False)
     bucket = storage.gcs_client().create_bucket(f"ckpt-{uuid.uuid4().hex[:8]}")
     out = f"gs://{bucket.name}/run-1/stages/stage_1"
     result = run_stage(config, "stage_1", prepared, out, init=None)
@@ -206,7 +206,9 @@ def test_all_stages_end_to_end_on_tiny_images(make_folder_dataset, tmp_path):
     assert summary["tta_gain"] == pytest.approx(
         evaluation["tta"]["accuracy"] - evaluation["accuracy"]
     )
-    assert (out / "export" / "saved_model" / "1" / "saved_model.pb").is_file() and (out / "export" / "labels.json").is_file()
+    assert (out / "export" / "saved_model" / "1" / "saved_model.pb").is_file() and (
+        out / "export" / "labels.json"
+    ).is_file()
     submission = (out / "submission.csv").read_text().splitlines()
     assert submission[0] == "Id,Category" and len(submission) == 3
     assert "| stage_2 |" in (out / "summary.md").read_text()

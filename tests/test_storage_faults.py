@@ -129,14 +129,14 @@ def test_a_stage_checkpoints_to_gcs_through_transient_errors(
     from test_preemption import small_init_model
 
     from carclassifier.config import load_config
-    from carclassifier.prepare import prepare_data
+    from carclassifier.prepare import validate_and_split
     from carclassifier.stages import run_stage
 
     data = make_folder_dataset(per_class=4)
     config = load_config(None, [f"data.root={data}", f"output_dir={tmp_path / 'run'}",
                                 "model.weights=null", "input.image_size=32", "input.batch_size=4",
                                 "stages=[{name: s1, epochs: 2, unfreeze: 0.5, learning_rate: 0.01}]"])  # fmt: skip
-    prepared = prepare_data(config, tmp_path / "run", progress=False)
+    prepared = validate_and_split(config, tmp_path / "run", progress=False)
     init = str(small_init_model(tmp_path / "init.keras"))
     out = f"gs://{bucket.name}/run/stages/s1"
     proxy.rules = [

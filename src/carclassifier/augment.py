@@ -5,18 +5,25 @@ A transform in config is one mapping ``{ClassName: {params}}`` naming an albumen
 (``size`` of RandomResizedCrop, ``height``/``width`` of Resize) are filled with the run's image
 size. Every pipeline ends at exactly ``image_size x image_size`` and yields uint8 RGB; pixel
 normalization belongs to the backbone and happens inside the model.
+
+`TtaSettings` is what test-time augmentation needs besides the model (the ``augment.tta``
+transforms, the number of views, the seed); an export records the recipe's in ``labels.json``
+so that evaluation, ``carclassifier predict --tta`` and the server's ``?tta=1`` make the same
+views of the same photo.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import albumentations as A
 from albumentations.core.composition import BaseCompose
+from pydantic import ValidationError
 
-from carclassifier.config import AugmentConfig, TransformSpec
-from carclassifier.errors import ConfigError
+from carclassifier.config import MAX_SEED, AugmentConfig, RunConfig, TransformSpec
+from carclassifier.errors import ConfigError, one_line
 
 
 def _transform_class(name: str) -> type:
@@ -74,3 +81,55 @@ def val_transform(image_size: int) -> A.Compose:
 def tta_transform(config: AugmentConfig, image_size: int, seed: int | None = None) -> A.Compose:
     """The mild augmentation applied to each test-time-augmentation view."""
     return _compose(config.tta, image_size, seed)
+
+
+@dataclass(frozen=True)
+class TtaSettings:
+    """How test-time-augmented views are made: the albumentations ``transforms`` (the config's
+    ``augment.tta``), ``views`` per image (view 0 the image itself) and the ``seed`` the
+    transform is drawn with. The defaults are the library's (`AugmentConfig`, seed 0)."""
+
+    transforms: list[TransformSpec] = field(default_factory=lambda: AugmentConfig().tta)
+    views: int = AugmentConfig.model_fields["tta_views"].default
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> TtaSettings:
+        """The recipe's TTA: ``augment.tta``, ``augment.tta_views``, seeded with ``data.seed``
+        (what `carclassifier.evaluate.evaluate_classifier` uses)."""
+        return cls(list(config.augment.tta), config.augment.tta_views, config.data.seed)
+
+    @classmethod
+    def from_document(cls, value: Any, source: str) -> TtaSettings:
+        """Settings read back from `to_document`'s form (an export's ``labels.json``), checked as
+        the config checks them; `ConfigError` naming ``source`` otherwise."""
+        if not isinstance(value, dict) or set(value) != {"transforms", "views", "seed"}:
+            raise ConfigError(
+                f"{source}: tta must be a mapping of transforms, views and seed; re-export the model"
+            )
+        try:
+            augment = AugmentConfig(tta=value["transforms"], tta_views=value["views"])
+        except ValidationError as exc:
+            raise ConfigError(
+                f"{source}: invalid tta ({one_line(exc)}); re-export the model"
+            ) from None
+        seed = value["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"{source}: tta seed {seed!r} must be a whole number 0..{MAX_SEED}")
+        return cls(augment.tta, augment.tta_views, seed)
+
+    def to_document(self) -> dict[str, Any]:
+        """The settings as JSON-ready data (``transforms``, ``views``, ``seed``)."""
+        return {"transforms": self.transforms, "views": self.views, "seed": self.seed}
+
+    def overridden(self, views: int | None = None, seed: int | None = None) -> TtaSettings:
+        """The same settings with ``views`` and/or ``seed`` replaced (None keeps them)."""
+        return replace(
+            self,
+            views=self.views if views is None else views,
+            seed=self.seed if seed is None else seed,
+        )
+
+    def transform(self, image_size: int) -> A.Compose | None:
+        """The view transform for ``image_size`` px, seeded with `seed`; None for one view."""
+        return _compose(self.transforms, image_size, self.seed) if self.views > 1 else None

@@ -47,10 +47,10 @@ def _config(args: argparse.Namespace):  # noqa: ANN202 - RunConfig
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
-    from carclassifier.prepare import prepare_data
+    from carclassifier.prepare import validate_and_split
 
     config = _config(args)
-    prepare_data(config, config.output_dir)
+    validate_and_split(config, config.output_dir)
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -65,10 +65,10 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 def cmd_eda(args: argparse.Namespace) -> None:
     from carclassifier.eda import write_eda_report
-    from carclassifier.prepare import prepare_data
+    from carclassifier.prepare import validate_and_split
 
     config = _config(args)
-    prepared = prepare_data(config, config.output_dir)
+    prepared = validate_and_split(config, config.output_dir)
     path = write_eda_report(
         prepared.report,
         Path(config.output_dir) / "eda",
@@ -90,16 +90,16 @@ def cmd_download_kaggle(args: argparse.Namespace) -> None:
 
 
 def _prepared(args: argparse.Namespace, config):  # noqa: ANN001, ANN202 - RunConfig -> PreparedData
-    from carclassifier.prepare import load_prepared, prepare_data, resolve_data_root
+    from carclassifier.prepare import load_prepared, resolve_data_root, validate_and_split
 
     if args.split:
         return load_prepared(resolve_data_root(config), args.split)
-    return prepare_data(config, config.output_dir)
+    return validate_and_split(config, config.output_dir)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     config = _config(args)  # before the TensorFlow imports: a bad config fails at once
-    from carclassifier.local_run import summary_table
+    from carclassifier.reports import summary_table
     from carclassifier.stages import train_recipe
 
     results = train_recipe(config, _prepared(args, config), config.output_dir)
@@ -116,12 +116,12 @@ def cmd_train_stage(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from carclassifier.evaluate import evaluate_model
-    from carclassifier.stages import load_model
+    from carclassifier.evaluate import evaluate_classifier
+    from carclassifier.model import load_model
 
     config = _config(args)
     prepared = _prepared(args, config)
-    result = evaluate_model(
+    result = evaluate_classifier(
         load_model(args.model), prepared.dataset.root, prepared.subset("val"),
         prepared.dataset.class_names, config, Path(config.output_dir) / "evaluation",
     )  # fmt: skip
@@ -130,40 +130,41 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from carclassifier.export import export_model
-    from carclassifier.stages import load_model
+    from carclassifier.export import write_export
+    from carclassifier.model import load_model
 
     labels = _read_labels(Path(args.labels)) if args.labels else None
     if labels is None:
         config = _config(args)
         labels = _prepared(args, config).dataset.class_names
-    print(f"exported to {export_model(load_model(args.model), list(labels), args.export_dir)}")
+    print(f"exported to {write_export(load_model(args.model), list(labels), args.export_dir)}")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from carclassifier.augment import tta_transform
+    from carclassifier.augment import TtaSettings
     from carclassifier.config import load_config
-    from carclassifier.evaluate import model_image_size
-    from carclassifier.export import load_exported
+    from carclassifier.export import export_tta, load_exported
+    from carclassifier.inference import model_image_size
     from carclassifier.predict import predict_folder
 
     model, labels = load_exported(args.model)
     config = load_config(args.config, args.set)
-    tta = (
-        tta_transform(config.augment, model_image_size(model)[0], config.data.seed)
-        if args.tta
-        else None
-    )
+    tta = TtaSettings(views=1)
+    if args.tta:
+        tta = export_tta(labels, args.model) or TtaSettings.from_config(config)
+        log.info("TTA: %d views, seed %d (%s)", tta.views, tta.seed,
+                 "as the export was evaluated" if "tta" in labels else "from the config")  # fmt: skip
     frame = predict_folder(
         model, args.images, labels["class_names"], args.output, sample_submission=args.sample_submission,
-        tta=tta, tta_views=config.augment.tta_views if args.tta else 1,
+        tta=tta.transform(model_image_size(model)[0]), tta_views=tta.views, seed=tta.seed,
         batch_size=config.input.batch_size, fmt=args.format,
     )  # fmt: skip
     print(f"{len(frame)} predictions -> {args.output}")
 
 
 def cmd_run_local(args: argparse.Namespace) -> None:
-    from carclassifier.local_run import run_local, summary_table
+    from carclassifier.local_run import run_local
+    from carclassifier.reports import summary_table
 
     summary = run_local(_config(args))
     print(summary_table(summary["stages"]))
@@ -372,9 +373,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of images (searched recursively)")
     p.add_argument("--output", required=True, help="CSV to write")
     p.add_argument("--sample-submission", help="sample_submission.csv: rows follow its order")
-    p.add_argument("--tta", action="store_true", help="average test-time-augmented views")
+    p.add_argument(
+        "--tta",
+        action="store_true",
+        help="average test-time-augmented views, made as in the export's evaluation",
+    )
     p.add_argument("--format", choices=["competition", "full"], default="competition")
-    p.add_argument("--config", type=Path, help="config for TTA views and batch size")
+    p.add_argument(
+        "--config", type=Path, help="config for the batch size (and the TTA of an export without)"
+    )
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_predict)
 
@@ -402,7 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-files", type=int, help="most images per request (default 16)")
     p.add_argument("--top-k", type=int, help="classes returned per image (default 3)")
     p.add_argument("--max-image-pixels", type=int, help="largest image decoded (default 40e6)")
-    p.add_argument("--tta-views", type=int, help="views averaged with ?tta=1 (default 5)")
+    p.add_argument(
+        "--tta-views", type=int, help="views averaged with ?tta=1 (default: the export's, else 5)"
+    )
     p.add_argument(
         "--poll-seconds", type=float, help="how often a serving root's pointer is read (default 30)"
     )

@@ -18,6 +18,8 @@ from carclassifier.errors import ConfigError
 
 SIZE_MULTIPLE = 32
 """Every backbone in the registry downsamples by 32: image sizes must be multiples of it."""
+MIN_IMAGE_SIZE = 32
+"""Smallest input size accepted (one pixel of the backbones' last feature map)."""
 MAX_IMAGE_SIZE = 2048
 """Largest input size accepted (the recipe's largest is 448; EfficientNet-B7's default 600)."""
 MAX_SEED = 2**31 - 1
@@ -74,14 +76,25 @@ TransformSpec = dict[str, dict[str, Any]]
 """One albumentations transform: ``{ClassName: {param: value}}`` (see `carclassifier.augment`)."""
 
 
-def _check_size(value: int | None) -> int | None:
-    if value is not None and value % SIZE_MULTIPLE:
-        lower = max(SIZE_MULTIPLE, value - value % SIZE_MULTIPLE)
+def check_image_size(value: int, multiple: int = SIZE_MULTIPLE) -> int:
+    """The one image-size rule: a whole multiple of ``multiple`` (the backbones' stride), at
+    least `MIN_IMAGE_SIZE`; ``ValueError`` saying which sizes to use otherwise. The config, the
+    backbone registry and the Lite0 builder all check sizes with it."""
+    if value < MIN_IMAGE_SIZE:
         raise ValueError(
-            f"{value} px is not a multiple of {SIZE_MULTIPLE} (the backbones' stride); "
-            f"use {lower} or {lower + SIZE_MULTIPLE}"
+            f"{value} px is too small: sizes are multiples of {multiple}, at least {MIN_IMAGE_SIZE}"
+        )
+    if value % multiple:
+        lower = max(multiple, value - value % multiple)
+        raise ValueError(
+            f"{value} px is not a multiple of {multiple} (the backbones' stride); "
+            f"use {lower} or {lower + multiple}"
         )
     return value
+
+
+def _check_size(value: int | None) -> int | None:
+    return None if value is None else check_image_size(value)
 
 
 class _Section(BaseModel):
@@ -183,7 +196,10 @@ class InputConfig(_Section):
         "tf_data", description="tf_data (fast) or image_data_augmentor (the recipe's generator)."
     )
     image_size: int = Field(
-        224, ge=32, le=MAX_IMAGE_SIZE, description="Square input size in pixels (multiple of 32)."
+        224,
+        ge=MIN_IMAGE_SIZE,
+        le=MAX_IMAGE_SIZE,
+        description="Square input size in pixels (multiple of 32).",
     )
     batch_size: int = Field(16, ge=1, le=4096)
     workers: int = Field(2, ge=1, le=256, description="Parallel decode/augment workers.")
@@ -281,7 +297,7 @@ class StageConfig(_Section):
     )
     learning_rate: float = Field(gt=0.0, le=1.0)
     image_size: int | None = Field(
-        None, ge=32, le=MAX_IMAGE_SIZE, description="Default: input.image_size."
+        None, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE, description="Default: input.image_size."
     )
     batch_size: int | None = Field(None, ge=1, le=4096, description="Default: input.batch_size.")
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
@@ -397,7 +413,8 @@ class RunConfig(_Section):
         )
 
     def stage_image_size(self, stage: StageConfig) -> int:
-        """The input size a stage trains at."""
+        """The input size a stage trains at: its own ``image_size``, else ``input.image_size``
+        (the one place this rule lives)."""
         return stage.image_size or self.input.image_size
 
     def stage_batch_size(self, stage: StageConfig) -> int:
@@ -503,6 +520,44 @@ def parse_config(
     for override in overrides or []:
         _apply_override(loaded, override)
     return config_from_dict(loaded, source)
+
+
+def resolve_config(
+    config_yaml: str,
+    overrides: list[str] | None = None,
+    backbone: str = "",
+    image_size: int = 0,
+    stage_names: list[str] | tuple[str, ...] | None = None,
+) -> RunConfig:
+    """The recipe YAML text with ``KEY=VALUE`` overrides applied, then the pipeline's
+    ``backbone`` ("" = the recipe's) and ``image_size`` (0 = the recipe's ``input.image_size``;
+    stages with their own size keep it). The backbone must be a registered one, and with
+    ``stage_names`` (the stages the pipeline graph was compiled for) the overrides may not
+    change the stage list (the one place that rule is checked: the prepare step and the
+    pipeline's argument check both call this): both fail here, before any download or GPU pod.
+    """
+    # Lazy: the backbone registry imports Keras/TensorFlow (seconds); the config itself must
+    # load without it.
+    from carclassifier.backbones import get_backbone
+
+    if not isinstance(backbone, str):
+        raise ConfigError(f"backbone {backbone!r} must be a string ('' keeps the recipe's)")
+    if isinstance(image_size, bool) or not isinstance(image_size, int):
+        raise ConfigError(f"image_size {image_size!r} must be a whole number (0: the recipe's)")
+    extra = list(overrides or [])
+    if backbone:
+        extra.append(f"model.backbone={backbone}")
+    if image_size:
+        extra.append(f"input.image_size={image_size}")
+    config = parse_config(config_yaml, extra, "(the pipeline's recipe)")
+    get_backbone(config.model.backbone)
+    names = [stage.name for stage in config.stages]
+    if stage_names is not None and names != list(stage_names):
+        raise ConfigError(
+            f"the overrides make the stages {names}, but this pipeline was compiled for "
+            f"{list(stage_names)}; compile it from the changed recipe (python -m pipelines compile)"
+        )
+    return config
 
 
 def dump_config(config: RunConfig) -> str:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from carclassifier import storage
+from carclassifier.data import load_image
 from carclassifier.errors import CarClassifierError
 from carclassifier.export import (
     LABELS_FILE,
@@ -41,7 +42,9 @@ from carclassifier.export import (
     ONNX_FILE,
     SAVED_MODEL_DIR,
     SAVED_MODEL_VERSION,
+    load_exported,
 )
+from carclassifier.inference import predict_proba
 from carclassifier.storage import PreconditionFailedError
 
 log = logging.getLogger(__name__)
@@ -129,9 +132,6 @@ def _stage_files(source: str, scratch: Path) -> Path:
 def write_check(folder: Path, photo: str | Path) -> None:
     """Store ``photo`` and model.keras's probabilities for it in ``folder/check/``, so a server
     can check a new version before it answers with it."""
-    from carclassifier.evaluate import predict_proba
-    from carclassifier.export import load_exported
-
     model, _ = load_exported(folder)
     probs = predict_proba(model, [str(photo)], progress=False)[0]
     check = folder / CHECK_DIR
@@ -210,8 +210,6 @@ def rollback(serving_root: str, version: int) -> Deployed:
 def check_version(predictor: Any, folder: str) -> str | None:
     """Why the loaded ``predictor`` of version ``folder`` should not serve (None: it answers its
     stored check photo as model.keras did, within 1e-3; a version without a check passes)."""
-    from carclassifier.data import load_image
-
     with tempfile.TemporaryDirectory(prefix="carclassifier-check-") as tmp:
         expected_uri = storage.join(folder, CHECK_DIR, CHECK_EXPECTED)
         if not storage.exists(expected_uri):

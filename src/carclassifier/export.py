@@ -1,6 +1,6 @@
 """The trained model for serving: a Keras file, a TensorFlow SavedModel and the label list.
 
-    export_model(model, class_names, "runs/x/export", {"backbone": "efficientnet_lite0"})
+    write_export(model, class_names, "runs/x/export", {"backbone": "efficientnet_lite0"})
     model, labels = load_exported("runs/x/export")
 
 An export folder holds
@@ -10,7 +10,10 @@ An export folder holds
   KServe's ``storageUri: …/export/saved_model`` expect) whose ``serving_default`` signature takes
   ``image``: float32 ``[N, H, W, 3]`` raw RGB pixels 0..255 and returns ``output_0``: the class
   probabilities ``[N, C]`` (TF Serving, ``tf.saved_model.load``);
-- ``labels.json``: class names (index = class id), image size, input description, metadata;
+- ``labels.json``: class names (index = class id), image size, input description, metadata and
+  ``tta``, the recipe's test-time augmentation (`carclassifier.augment.TtaSettings`: transforms,
+  views, seed), so that ``predict --tta`` and the server's ``?tta=1`` average the very views the
+  evaluation did;
 - ``model.onnx`` (optional, `export_onnx`): the same function for ONNX Runtime, input ``image``
   float32 ``[N, H, W, 3]`` 0..255, output ``output_0`` probabilities ``[N, C]``, checked against
   Keras within `ONNX_TOLERANCE` when written.
@@ -34,6 +37,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from carclassifier.augment import TtaSettings
+from carclassifier.config import RunConfig
 from carclassifier.errors import CarClassifierError, StorageError
 from carclassifier.storage import exists, get_file, is_gcs_uri, join
 
@@ -72,9 +77,12 @@ def _input_hw(model: keras.Model) -> tuple[int, int]:
 
 
 def labels_document(
-    model: keras.Model, class_names: list[str], metadata: dict | None = None
+    model: keras.Model,
+    class_names: list[str],
+    metadata: dict | None = None,
+    tta: TtaSettings | None = None,
 ) -> dict[str, Any]:
-    """The content of ``labels.json`` for ``model``."""
+    """The content of ``labels.json`` for ``model`` (``tta`` recorded when given)."""
     height, width = _input_hw(model)
     num_classes = int(model.output_shape[-1])
     if len(class_names) != num_classes:
@@ -89,20 +97,39 @@ def labels_document(
             "output": SERVING_OUTPUT,
         },
         "metadata": metadata or {},
+    } | ({"tta": tta.to_document()} if tta is not None else {})
+
+
+def export_metadata(
+    config: RunConfig, evaluation: dict[str, Any], run_key: str | None = None
+) -> dict[str, Any]:
+    """The ``metadata`` of an export of the recipe's final model: backbone, run name (and
+    ``run_key`` in a pipeline run), last stage, and the validation accuracy without and with TTA
+    from ``evaluation`` (`carclassifier.evaluate.evaluate_classifier`'s result)."""
+    metadata: dict[str, Any] = {"backbone": config.model.backbone, "run": config.name}
+    if run_key is not None:
+        metadata["run_key"] = run_key
+    return metadata | {
+        "stage": config.stages[-1].name,
+        "val_accuracy": evaluation["accuracy"],
+        "val_accuracy_tta": evaluation["tta"]["accuracy"],
     }
 
 
-def export_model(
+def write_export(
     model: keras.Model,
     class_names: list[str],
     out_dir: str | Path,
     metadata: dict | None = None,
     onnx: bool = True,
+    tta: TtaSettings | None = None,
 ) -> Path:
     """Write ``model.keras``, ``saved_model/``, ``labels.json`` and (``onnx``) ``model.onnx``
     into ``out_dir``.
 
-    ``metadata`` (e.g. backbone, metrics; numpy scalars are fine) goes into ``labels.json``.
+    ``metadata`` (e.g. backbone, metrics; numpy scalars are fine) and ``tta`` (the recipe's,
+    `TtaSettings.from_config`; without it readers fall back to the library's) go into
+    ``labels.json``.
     ``model.onnx`` is written only when ONNX Runtime matches Keras within `ONNX_TOLERANCE`
     (`export_onnx`); a conversion that fails or differs is logged and left out, and the
     serving app then uses the SavedModel. An existing ``out_dir`` is replaced only once the
@@ -114,7 +141,7 @@ def export_model(
         )
     import tensorflow as tf
 
-    document = labels_document(model, class_names, metadata)
+    document = labels_document(model, class_names, metadata, tta)
     text = json.dumps(document, indent=2, default=_jsonable)  # fails before anything is written
     height, width = _input_hw(model)
 
@@ -240,7 +267,19 @@ def read_labels(path: Path, uri: str | Path) -> dict[str, Any]:
         raise StorageError(f"{LABELS_FILE} of {uri} is not readable JSON ({exc})") from None
     if not isinstance(labels, dict) or not isinstance(labels.get("class_names"), list):
         raise StorageError(f"{LABELS_FILE} of {uri} has no class_names list; re-export the model")
+    export_tta(labels, uri)  # a broken record fails at load, not at the first ?tta=1
     return labels
+
+
+def export_tta(labels: dict[str, Any], uri: str | Path) -> TtaSettings | None:
+    """The TTA an export was evaluated with (``labels.json``'s ``tta``); None when it records
+    none (an export written before it did)."""
+    if "tta" not in labels:
+        return None
+    try:
+        return TtaSettings.from_document(labels["tta"], f"{LABELS_FILE} of {uri}")
+    except CarClassifierError as exc:
+        raise StorageError(str(exc)) from None
 
 
 def check_outputs(uri: str | Path, labels: dict[str, Any], outputs: int, what: str) -> None:
@@ -253,7 +292,7 @@ def check_outputs(uri: str | Path, labels: dict[str, Any], outputs: int, what: s
 
 
 def load_exported(uri: str | Path) -> tuple[keras.Model, dict[str, Any]]:
-    """Load an export folder written by `export_model`: the Keras model and ``labels.json``.
+    """Load an export folder written by `write_export`: the Keras model and ``labels.json``.
 
     ``uri`` is a local folder or a ``gs://`` prefix; from gs:// only ``labels.json`` and
     ``model.keras`` are downloaded, freshly each call (into a temporary folder removed afterwards,

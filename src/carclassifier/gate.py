@@ -33,8 +33,8 @@ import pandas as pd
 from scipy.stats import binomtest
 
 from carclassifier import storage
-from carclassifier.evaluate import predict_proba
 from carclassifier.export import load_exported, load_exported_onnx
+from carclassifier.inference import predict_proba
 
 log = logging.getLogger(__name__)
 

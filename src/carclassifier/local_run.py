@@ -11,51 +11,26 @@ from pathlib import Path
 from typing import Any
 
 from carclassifier.config import RunConfig
-from carclassifier.demo_data import REAL_SAMPLES, shared_dir
-from carclassifier.prepare import PreparedData, prepare_data
+from carclassifier.prepare import find_test_images, validate_and_split
+from carclassifier.reports import summary_table
 
 log = logging.getLogger(__name__)
 
 
-def find_test_images(config: RunConfig, prepared: PreparedData) -> Path | None:
-    """Unlabelled images to predict: ``data.test_dir``, the dataset's own test folder, or, for
-    the demo data, the competition samples in ``../shared/data/sf-competition-samples``."""
-    if config.data.test_dir:
-        return Path(config.data.test_dir)
-    if prepared.dataset.test_dir is not None:
-        return prepared.dataset.test_dir
-    shared = shared_dir()
-    if config.data.root is None and shared is not None and (shared / REAL_SAMPLES).is_dir():
-        return shared / REAL_SAMPLES
-    return None
-
-
-def summary_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of the stages: epochs, best validation accuracy, minutes."""
-    lines = [
-        "| stage | description | size | epochs | best val accuracy | minutes |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['stage']} | {r['description']} | {r['image_size']} | {r['epochs_run']} | "
-            f"{r['best_val_accuracy']:.4f} | {r['minutes']:.1f} |"
-        )
-    return "\n".join(lines)
-
-
 def run_local(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Run the recipe end to end under ``config.output_dir``; returns the summary."""
+    from carclassifier.augment import TtaSettings
     from carclassifier.eda import write_eda_report
-    from carclassifier.evaluate import evaluate_model
-    from carclassifier.export import export_model
+    from carclassifier.evaluate import evaluate_classifier
+    from carclassifier.export import export_metadata, write_export
+    from carclassifier.model import load_model
     from carclassifier.predict import predict_folder
-    from carclassifier.stages import load_model, train_recipe
+    from carclassifier.stages import train_recipe
 
     started = time.perf_counter()
     out = Path(config.output_dir)
     log.info("run-local: %d stages, outputs in %s", len(config.stages), out.resolve())
-    prepared = prepare_data(config, out, progress=progress)
+    prepared = validate_and_split(config, out, progress=progress)
     eda = write_eda_report(
         prepared.report, out / "eda", config.augment, config.input.image_size, seed=config.data.seed
     )
@@ -64,7 +39,7 @@ def run_local(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     final = results[-1]
     model = load_model(final.best_model)
     classes = prepared.dataset.class_names
-    evaluation = evaluate_model(
+    evaluation = evaluate_classifier(
         model,
         prepared.dataset.root,
         prepared.subset("val"),
@@ -73,17 +48,12 @@ def run_local(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         out / "evaluation",
         progress=progress,
     )
-    export_dir = export_model(
+    export_dir = write_export(
         model,
         classes,
         out / "export",
-        metadata={
-            "backbone": config.model.backbone,
-            "run": config.name,
-            "stage": final.name,
-            "val_accuracy": evaluation["accuracy"],
-            "val_accuracy_tta": evaluation["tta"]["accuracy"],
-        },
+        metadata=export_metadata(config, evaluation),
+        tta=TtaSettings.from_config(config),
     )
     submission = None
     test_dir = find_test_images(config, prepared)

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import math
 import re
+import tempfile
+from pathlib import Path
 
 import keras
 
+from carclassifier import storage
 from carclassifier.backbones import build_backbone
 from carclassifier.config import ModelConfig
 
 BACKBONE_NAME = "backbone"
+
+
+def load_model(uri: str, compile: bool = False) -> keras.Model:
+    """Load a ``.keras`` model from a local path or gs:// URI (never unpickles: safe_mode)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = storage.get_file(uri, Path(tmp) / "model.keras")
+        return keras.models.load_model(local, compile=compile, safe_mode=True)
 
 
 def build_classifier(config: ModelConfig, num_classes: int, image_size: int) -> keras.Model:

@@ -18,7 +18,7 @@ import pandas as pd
 
 from carclassifier.data import is_image_name
 from carclassifier.errors import DatasetError, StorageError
-from carclassifier.evaluate import Transform, check_class_names, predict_proba
+from carclassifier.inference import Transform, check_class_names, predict_proba
 from carclassifier.storage import is_gcs_uri
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ def predict_folder(
     sample_submission: Path | None = None,
     tta: Transform | None = None,
     tta_views: int = 1,
+    seed: int = 0,
     batch_size: int = 32,
     fmt: SubmissionFormat = "competition",
     top_k: int = 3,
@@ -95,8 +96,8 @@ def predict_folder(
     ``sample_submission`` rows are sorted by Id; with it (a CSV with an ``Id`` column) rows follow
     its order, an Id without an image (or with an unreadable one) is a `DatasetError`, and images
     the sample does not list are left out with a warning. Otherwise unreadable images are left
-    out with a warning. ``tta``/``tta_views``/``batch_size`` are as in
-    `carclassifier.evaluate.predict_proba`. Returns the frame written.
+    out with a warning. ``tta``/``tta_views``/``seed``/``batch_size`` are as in
+    `carclassifier.inference.predict_proba`. Returns the frame written.
     """
     if fmt not in ("competition", "full"):
         raise ValueError(f"fmt must be 'competition' or 'full', got {fmt!r}")
@@ -140,6 +141,7 @@ def predict_folder(
         batch_size=batch_size,
         tta=tta,
         tta_views=tta_views,
+        seed=seed,
         progress=progress,
         skip_unreadable=True,
     )

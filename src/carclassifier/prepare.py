@@ -22,7 +22,7 @@ from carclassifier.data import (
     validate_dataset,
     write_split,
 )
-from carclassifier.demo_data import demo_dataset_root
+from carclassifier.demo_data import REAL_SAMPLES, demo_dataset_root, shared_dir
 from carclassifier.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,9 @@ def resolve_data_root(config: RunConfig) -> Path:
     return Path(config.data.root)
 
 
-def prepare_data(config: RunConfig, out_dir: str | Path, progress: bool = True) -> PreparedData:
+def validate_and_split(
+    config: RunConfig, out_dir: str | Path, progress: bool = True
+) -> PreparedData:
     """Load, validate (bad files excluded and listed), check trainability and write
     ``config.yaml``, ``validation.json`` and ``split.csv`` into ``out_dir``."""
     root = resolve_data_root(config)
@@ -80,7 +82,7 @@ def prepare_data(config: RunConfig, out_dir: str | Path, progress: bool = True) 
 
 
 def load_prepared(data_root: str | Path, split_csv: str | Path) -> PreparedData:
-    """A dataset with the split an earlier `prepare_data` wrote (every stage reads this)."""
+    """A dataset with the split an earlier `validate_and_split` wrote (every stage reads this)."""
     dataset = load_dataset(data_root)
     split = read_split(split_csv)
     missing = [p for p in split["path"] if not (dataset.root / p).is_file()]
@@ -90,3 +92,16 @@ def load_prepared(data_root: str | Path, split_csv: str | Path) -> PreparedData:
             f"(e.g. {missing[:3]}); pass the dataset the split was made from"
         )
     return PreparedData(dataset, None, split, Path(split_csv))
+
+
+def find_test_images(config: RunConfig, prepared: PreparedData) -> Path | None:
+    """Unlabelled images to predict: ``data.test_dir``, the dataset's own test folder, or, for
+    the demo data, the competition samples in ``../shared/data/sf-competition-samples``."""
+    if config.data.test_dir:
+        return Path(config.data.test_dir)
+    if prepared.dataset.test_dir is not None:
+        return prepared.dataset.test_dir
+    shared = shared_dir()
+    if config.data.root is None and shared is not None and (shared / REAL_SAMPLES).is_dir():
+        return shared / REAL_SAMPLES
+    return None

@@ -58,9 +58,9 @@ from carclassifier.checkpoints import (
     read_checkpoint,
 )
 from carclassifier.config import RunConfig, StageConfig
-from carclassifier.errors import CarClassifierError, StorageError
+from carclassifier.errors import CarClassifierError
 from carclassifier.inputs import batches_per_epoch, make_inputs
-from carclassifier.model import build_classifier, set_trainable
+from carclassifier.model import build_classifier, load_model, set_trainable
 from carclassifier.plots import plot_history
 from carclassifier.prepare import PreparedData
 from carclassifier.training_callbacks import EpochSeed, SigtermGuard, stage_callbacks
@@ -116,13 +116,6 @@ def configure_precision(mode: str) -> str:
 # --------------------------------------------------------------------------- model handling
 
 
-def load_model(uri: str, compile: bool = False) -> keras.Model:
-    """Load a ``.keras`` model from a local path or gs:// URI (never unpickles: safe_mode)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        local = storage.get_file(uri, Path(tmp) / "model.keras")
-        return keras.models.load_model(local, compile=compile, safe_mode=True)
-
-
 def _resize_input(
     model: keras.Model, config: RunConfig, num_classes: int, size: int
 ) -> keras.Model:
@@ -176,23 +169,6 @@ def _stage_inputs(
     )  # fmt: skip
 
 
-def content_id(uri: str) -> str:
-    """A content checksum of the file at ``uri`` (local: SHA-256; gs://: the stored CRC32C)."""
-    if storage.is_gcs_uri(uri):
-        bucket, name = storage.split_gcs_uri(uri)
-        blob = (
-            storage.gcs_client()
-            .bucket(bucket)
-            .get_blob(
-                name, retry=storage.gcs_retry(f"look up {uri}"), timeout=storage.gcs_timeout()
-            )
-        )
-        if blob is None:
-            raise StorageError(f"{uri} not found: check the --init model URI")
-        return f"crc32c:{blob.crc32c or blob.md5_hash or blob.size}"
-    return f"sha256:{storage.sha256_file(storage.local_copy(uri))}"
-
-
 def stage_fingerprint(
     config: RunConfig, stage: StageConfig, prepared: PreparedData, init: str | None
 ) -> str:
@@ -209,7 +185,7 @@ def stage_fingerprint(
         "steps_per_epoch": config.train.steps_per_epoch,
         "classes": list(prepared.dataset.class_names),
         "split": hashlib.sha256(split.to_csv(index=False).encode()).hexdigest(),
-        "init": content_id(init) if init else None,
+        "init": storage.content_id(init) if init else None,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -394,6 +394,21 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def content_id(uri: str) -> str:
+    """A content checksum of the file at ``uri`` (local: SHA-256; gs://: the stored CRC32C)."""
+    if is_gcs_uri(uri):
+        bucket, name = split_gcs_uri(uri)
+        blob = (
+            gcs_client()
+            .bucket(bucket)
+            .get_blob(name, retry=gcs_retry(f"look up {uri}"), timeout=gcs_timeout())
+        )
+        if blob is None:
+            raise StorageError(f"{uri} not found: check the --init model URI")
+        return f"crc32c:{blob.crc32c or blob.md5_hash or blob.size}"
+    return f"sha256:{sha256_file(local_copy(uri))}"
+
+
 def download_tree(uri: str, local_dir: str | os.PathLike[str]) -> Path:
     """Copy every file under a gs:// prefix (or a local folder) into ``local_dir``."""
     local_dir = Path(local_dir)

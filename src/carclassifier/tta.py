@@ -4,7 +4,7 @@
 
 View 0 of every image is the image itself and views 1.. are ``transform(image=...)`` of it, drawn
 image by image (an image's views in a row), so the result does not depend on how callers batch
-and the average never loses the plain prediction. Used by `carclassifier.evaluate` and the
+and the average never loses the plain prediction. Used by `carclassifier.inference` and the
 serving predictor.
 """
 

@@ -21,10 +21,9 @@ import numpy as np
 from keras import layers
 
 from carclassifier.backbones.torch_legacy import read_legacy_state_dict
+from carclassifier.config import check_image_size
 from carclassifier.errors import BackboneError, StorageError
 
-SIZE_MULTIPLE = 32
-MIN_SIZE = 32
 STEM_FILTERS = 32
 HEAD_FILTERS = 1280
 BN_EPSILON = 1e-3
@@ -164,11 +163,10 @@ def check_input_shape(input_shape: tuple[int, int, int]) -> tuple[int, int, int]
     if channels != 3:
         raise BackboneError(f"input_shape {input_shape!r}: Lite0 takes RGB, so 3 channels")
     for side in (height, width):
-        if side < MIN_SIZE or side % SIZE_MULTIPLE:
-            raise BackboneError(
-                f"input_shape {input_shape!r}: height and width must be multiples of "
-                f"{SIZE_MULTIPLE} and at least {MIN_SIZE} (e.g. 224 or 448)"
-            )
+        try:
+            check_image_size(side)
+        except ValueError as exc:
+            raise BackboneError(f"input_shape {input_shape!r}: {exc}") from None
     return height, width, channels
 
 

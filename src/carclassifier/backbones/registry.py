@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import keras
 
 from carclassifier.backbones.lite0 import efficientnet_lite0
+from carclassifier.config import SIZE_MULTIPLE, check_image_size
 from carclassifier.errors import BackboneError, StorageError
 from carclassifier.storage import local_copy
 
@@ -70,13 +71,10 @@ def build_backbone(
     spec = get_backbone(name)
     if isinstance(image_size, bool) or not isinstance(image_size, int):
         raise BackboneError(f"image_size={image_size!r} must be a whole number of pixels")
-    if image_size < 32 or image_size % spec.size_multiple:
-        m = spec.size_multiple
-        below, above = max(m, image_size // m * m), (image_size // m + 1) * m
-        raise BackboneError(
-            f"image_size={image_size} for {name}: use a multiple of {m}, at least 32 "
-            f"(nearest: {below} or {above})"
-        )
+    try:
+        check_image_size(image_size, spec.size_multiple)
+    except ValueError as exc:
+        raise BackboneError(f"image_size={image_size} for {name}: {exc}") from None
     return spec.builder(input_shape=(image_size, image_size, 3), include_top=False, weights=weights)
 
 
@@ -125,7 +123,7 @@ def _register_defaults() -> None:
                 name=f"efficientnet_b{i}",
                 builder=_keras_app_builder(getattr(apps, f"EfficientNetB{i}")),
                 default_image_size=size,
-                size_multiple=32,
+                size_multiple=SIZE_MULTIPLE,
                 offline_weights=False,
                 preprocessing=PREPROCESSING_INSIDE,
             )
@@ -138,7 +136,7 @@ def _register_defaults() -> None:
                     getattr(apps, f"EfficientNetV2{variant.upper()}"), include_preprocessing=True
                 ),
                 default_image_size=size,
-                size_multiple=32,
+                size_multiple=SIZE_MULTIPLE,
                 offline_weights=False,
                 preprocessing=PREPROCESSING_INSIDE,
             )
@@ -148,7 +146,7 @@ def _register_defaults() -> None:
             name="efficientnet_lite0",
             builder=efficientnet_lite0,
             default_image_size=224,
-            size_multiple=32,
+            size_multiple=SIZE_MULTIPLE,
             offline_weights=True,
             preprocessing=PREPROCESSING_INSIDE,
         )

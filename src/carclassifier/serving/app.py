@@ -38,6 +38,7 @@ from prometheus_client import (
 )
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from carclassifier.augment import TtaSettings
 from carclassifier.serving.config import MIB, ServingConfig
 from carclassifier.serving.predictor import ImageInputError, Predictor, decode_image, top_k
 
@@ -291,7 +292,11 @@ def create_app(config: ServingConfig, model: Predictor | ModelSlot) -> Flask:
 
     @app.get("/")
     def index() -> str:
-        return render_template("index.html", config=config, model=_model_document(slot.predictor))
+        predictor = slot.predictor
+        tta_views = _tta(predictor, config).views if predictor is not None else config.tta_views
+        return render_template(
+            "index.html", config=config, model=_model_document(predictor), tta_views=tta_views
+        )
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -333,12 +338,10 @@ def create_app(config: ServingConfig, model: Predictor | ModelSlot) -> Flask:
             except ImageInputError as exc:
                 raise ApiError(exc.status, exc.code, f"{name}: {exc}") from None
         g.images = len(images)
+        settings = _tta(predictor, config)
         if tta:
-            from carclassifier.augment import tta_transform
-            from carclassifier.config import AugmentConfig
-
-            transform = tta_transform(AugmentConfig(), predictor.image_size[0], config.seed)
-            probs = predictor.predict_tta(images, transform, config.tta_views)
+            transform = settings.transform(predictor.image_size[0])
+            probs = predictor.predict_tta(images, transform, settings.views)
         else:
             probs = predictor.predict(images)
         metrics.images.inc(len(images))
@@ -346,7 +349,7 @@ def create_app(config: ServingConfig, model: Predictor | ModelSlot) -> Flask:
             {
                 "model": {"name": predictor.name, "version": predictor.version},
                 "tta": tta,
-                "tta_views": config.tta_views if tta else 1,
+                "tta_views": settings.views if tta else 1,
                 "predictions": [
                     {"file": name, "top": top}
                     for (name, _), top in zip(
@@ -357,6 +360,12 @@ def create_app(config: ServingConfig, model: Predictor | ModelSlot) -> Flask:
         )
 
     return app
+
+
+def _tta(predictor: Predictor, config: ServingConfig) -> TtaSettings:
+    """The TTA of ``?tta=1``: the export's (`Predictor.tta`), with the server's ``tta_views`` /
+    ``seed`` where they are set."""
+    return predictor.tta.overridden(config.tta_views, config.seed)
 
 
 def _model_document(predictor: Predictor | None, config: ServingConfig | None = None) -> dict:
@@ -382,6 +391,6 @@ def _model_document(predictor: Predictor | None, config: ServingConfig | None = 
             "max_files": config.max_files,
             "max_image_pixels": config.max_image_pixels,
             "top_k": config.top_k,
-            "tta_views": config.tta_views,
+            "tta_views": _tta(predictor, config).views,
         }
     return document

@@ -42,12 +42,19 @@ class ServingConfig(BaseModel):
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Largest width x height decoded (decompression-bomb guard)."
     )
-    tta_views: int = Field(5, ge=2, le=32, description="Views averaged with ?tta=1.")
+    tta_views: int | None = Field(
+        None,
+        ge=2,
+        le=32,
+        description="Views averaged with ?tta=1 (default: as the export was evaluated, else 5).",
+    )
     poll_seconds: float = Field(
         30.0, gt=0, le=86400, description="How often a serving root's pointer is checked."
     )
-    seed: int = Field(
-        0, description="Seed of the TTA draws (the same image gives the same result)."
+    seed: int | None = Field(
+        None,
+        description="Seed of the TTA draws (the same image gives the same result; default: the "
+        "export's, else 0).",
     )
 
     @property

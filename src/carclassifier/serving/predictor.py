@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from carclassifier.augment import TtaSettings
 from carclassifier.data import load_image
 from carclassifier.errors import CarClassifierError, StorageError
 from carclassifier.export import (
@@ -44,6 +45,7 @@ from carclassifier.export import (
     SERVING_OUTPUT,
     SERVING_SIGNATURE,
     check_outputs,
+    export_tta,
     load_exported,
     read_labels,
 )
@@ -264,6 +266,9 @@ class Predictor:
             self.image_size = (int(size[0]), int(size[1]))
         else:
             raise StorageError(f"{LABELS_FILE} of {uri} has no image_size; re-export the model")
+        self.tta: TtaSettings = export_tta(loaded.labels, uri) or TtaSettings()
+        """The views ``?tta=1`` makes: as the export's evaluation did (the library's defaults
+        for an export that records none)."""
         self._lock = threading.Lock()
 
     @classmethod

@@ -1,0 +1,157 @@
+"""What a run shows people: the kfp UI outputs of the pipeline steps and the run summaries.
+
+- `log_metrics`, `log_confusion`: values on kfp ``Metrics`` / ``ClassificationMetrics``
+  artifacts (also written as JSON files);
+- `html_page`, `stage_page`, `evaluation_page`: self-contained HTML pages (inline CSS, images
+  as data URIs) for kfp HTML artifacts;
+- `gate_markdown`: the champion/challenger decision for a kfp Markdown artifact;
+- `summary_table`: the Markdown table of the stages (``carclassifier train`` / ``run-local``).
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from carclassifier import storage
+from carclassifier.eda import png_data_uri
+
+# --------------------------------------------------------------------------- kfp UI outputs
+
+
+def log_metrics(artifact: Any, values: dict[str, float | int]) -> None:
+    """Log ``values`` on a kfp ``Metrics`` artifact and also write them as JSON to its path.
+
+    The file makes the artifact exist as a file: kfp.local keeps metrics only in
+    executor_output.json and treats an output artifact without a file as a cache miss, and on
+    a cluster the metrics become readable in the pipeline root too.
+    """
+    for name, value in values.items():
+        artifact.log_metric(name, value)
+    _write_json(artifact.path, values)
+
+
+def log_confusion(artifact: Any, class_names: list[str], matrix: list[list[int]]) -> None:
+    """`log_confusion_matrix` on a kfp ``ClassificationMetrics`` artifact, plus the JSON file
+    (see `log_metrics`)."""
+    artifact.log_confusion_matrix(class_names, matrix)
+    _write_json(artifact.path, {"class_names": class_names, "confusion_matrix": matrix})
+
+
+def _write_json(path: str, value: Any) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(value, indent=2), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- HTML
+
+
+def _img(path: Path, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="{png_data_uri(path)}">'
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "<p>(none)</p>"
+    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td>{html.escape(f'{v:.4f}' if isinstance(v, float) else str(v))}</td>"
+            for v in row.values()
+        )
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def html_page(title: str, body: str) -> str:
+    """A self-contained HTML page (inline CSS, images as data URIs) for a kfp HTML artifact."""
+    style = (
+        "body{font-family:system-ui,sans-serif;margin:1.5rem;color:#1f2430}"
+        "table{border-collapse:collapse;margin:.5rem 0 1rem}"
+        "td,th{border:1px solid #d0d4dc;padding:.25rem .6rem;text-align:right}"
+        "th{background:#f0f2f6}img{max-width:100%;margin:.5rem 0}"
+    )
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{style}</style></head>"
+        f"<body><h1>{html.escape(title)}</h1>{body}</body></html>\n"
+    )
+
+
+def stage_page(title: str, metrics: dict[str, Any], out: str, stage: str) -> str:
+    """A stage's page: its metrics, the accuracy/loss curves and the history found in its
+    output folder ``out`` (local or gs://)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        images = []
+        for prefix, what in (("Train_Val_acc", "accuracy"), ("Train_Val_loss", "loss")):
+            name = f"{prefix}_{stage}.png"
+            uri = storage.join(out, name)
+            if storage.exists(uri):
+                images.append(_img(storage.get_file(uri, Path(tmp) / name), what))
+        history_text = storage.read_text(storage.join(out, "history.csv"))
+    history = ""
+    if history_text:
+        history = _table(pd.read_csv(io.StringIO(history_text)).to_dict(orient="records"))
+    shown = {k: v for k, v in metrics.items() if k != "description"}
+    return html_page(
+        title,
+        f"{_table([shown])}{''.join(images)}<h2>History</h2>{history}"
+        f"<p>Outputs: <code>{html.escape(out)}</code></p>",
+    )
+
+
+def evaluation_page(
+    metrics: dict[str, Any], per_class: list[dict[str, Any]], confusion_png: Path
+) -> str:
+    """The evaluation's page: the headline metrics, the confusion matrices and the plain
+    per-class table."""
+    return html_page(
+        "Evaluation on the validation split",
+        _table([metrics]) + _img(confusion_png, "confusion matrices")
+        + "<h2>Per class (plain)</h2>" + _table(per_class),
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def gate_markdown(decision: dict[str, Any], pointer: str, min_improvement: float) -> str:
+    """The champion/challenger decision (`carclassifier.gate.champion_challenger`'s keys) as a
+    Markdown page."""
+
+    def acc(value: float | None) -> str:
+        return "–" if value is None else f"{value:.4f}"
+
+    verdict = "**promoted**: the challenger is the new champion" if decision["promoted"] else (
+        "**kept** the current champion"
+    )  # fmt: skip
+    return (
+        f"# Champion/challenger gate\n\n{verdict} ({decision['reason']}).\n\n"
+        f"| | export | validation accuracy |\n|---|---|---:|\n"
+        f"| challenger | `{decision['challenger']}` | {acc(decision['challenger_accuracy'])} |\n"
+        f"| champion | `{decision['champion'] or '–'}` | {acc(decision['champion_accuracy'])} |\n\n"
+        f"Pointer: `{pointer}`; required improvement > {min_improvement:+.4f}.\n"
+    )
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of the stages: epochs, best validation accuracy, minutes."""
+    lines = [
+        "| stage | description | size | epochs | best val accuracy | minutes |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['stage']} | {r['description']} | {r['image_size']} | {r['epochs_run']} | "
+            f"{r['best_val_accuracy']:.4f} | {r['minutes']:.1f} |"
+        )
+    return "\n".join(lines)
