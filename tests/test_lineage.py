@@ -67,3 +67,33 @@ def test_a_recompressed_copy_of_a_validation_photo_in_training_is_found_and_left
     kept = without_leaks(split, leaks)
     assert "c0/reupload.jpg" not in set(kept["path"]) and "c0/p0.jpg" in set(kept["path"])
     assert len(kept) == len(split) - 1
+
+
+def test_prepare_leaves_leaking_training_photos_out_and_records_the_data_version(tmp_path):
+    """validate_and_split: a re-saved copy of a photo that lands in training while the original
+    is validated is left out of split.csv and listed in leaks.csv."""
+    from carclassifier.config import load_config
+    from carclassifier.prepare import validate_and_split
+
+    root = tmp_path / "cars"
+    for c, name in enumerate(("audi", "bmw")):
+        for i in range(5):
+            original = write_image(root / name / f"img_{i}.jpg", (96, 64), seed=c * 100 + i)
+            with Image.open(original) as image:
+                image.save(root / name / f"copy_{i}.jpg", quality=50)
+    config = load_config(None, [f"data.root={root}", "data.val_fraction=0.3"])
+    prepared = validate_and_split(config, tmp_path / "out", progress=False)
+    assert prepared.leaks, "some original/copy pair is split between train and val"
+    train = set(prepared.subset("train")["path"])
+    assert all(leak.train not in train for leak in prepared.leaks)
+    listed = pd.read_csv(tmp_path / "out" / "leaks.csv")
+    assert set(listed["train"]) == {leak.train for leak in prepared.leaks}
+    assert prepared.data_version and prepared.data_version.startswith("sha256:")
+    off = validate_and_split(
+        load_config(None, [f"data.root={root}", "data.val_fraction=0.3", "data.leak_check=false"]),
+        tmp_path / "off",
+        progress=False,
+    )
+    assert not off.leaks and len(off.split) == len(prepared.split) + len(
+        {leak.train for leak in prepared.leaks}
+    )

@@ -103,7 +103,7 @@ def test_prepare_hands_on_shards_and_later_steps_see_the_same_data(
     manifest = steps.prepare_step(_recipe(), [], str(data), str(artifact))
     files = sorted(p.relative_to(artifact).as_posix() for p in artifact.rglob("*") if p.is_file())
     assert files == [
-        "config.yaml", "dataset.json", "excluded.csv", "shards/images-00000.tar",
+        "config.yaml", "dataset.json", "excluded.csv", "leaks.csv", "shards/images-00000.tar",
         "shards/index.json", "split.csv", "usable.csv", "validation.json",
     ]  # fmt: skip
     assert manifest["shards"] == 1 and manifest["test_dir"] == "data/test_upload"

@@ -119,6 +119,11 @@ class DataConfig(_Section):
     min_images_per_class: int = Field(
         2, ge=1, description="Fewer usable images in any class stops the run."
     )
+    leak_check: bool = Field(
+        True,
+        description="Leave out (and list in leaks.csv) training photos that are near-duplicates "
+        "of validation or test photos (perceptual hash, carclassifier.lineage).",
+    )
 
     _root = field_validator("root")(_location_or_none("data.root"))
 

@@ -101,14 +101,20 @@ def labels_document(
 
 
 def export_metadata(
-    config: RunConfig, evaluation: dict[str, Any], run_key: str | None = None
+    config: RunConfig,
+    evaluation: dict[str, Any],
+    run_key: str | None = None,
+    data_version: str | None = None,
 ) -> dict[str, Any]:
     """The ``metadata`` of an export of the recipe's final model: backbone, run name (and
-    ``run_key`` in a pipeline run), last stage, and the validation accuracy without and with TTA
-    from ``evaluation`` (`carclassifier.evaluate.evaluate_classifier`'s result)."""
+    ``run_key`` in a pipeline run), the data version it was trained on, last stage, and the
+    validation accuracy without and with TTA from ``evaluation``
+    (`carclassifier.evaluate.evaluate_classifier`'s result)."""
     metadata: dict[str, Any] = {"backbone": config.model.backbone, "run": config.name}
     if run_key is not None:
         metadata["run_key"] = run_key
+    if data_version is not None:
+        metadata["data_version"] = data_version
     return metadata | {
         "stage": config.stages[-1].name,
         "val_accuracy": evaluation["accuracy"],

@@ -52,7 +52,7 @@ def run_local(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         model,
         classes,
         out / "export",
-        metadata=export_metadata(config, evaluation),
+        metadata=export_metadata(config, evaluation, data_version=prepared.data_version),
         tta=TtaSettings.from_config(config),
     )
     submission = None
@@ -79,13 +79,17 @@ def run_local(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         "submission": str(submission) if submission else None,
         "eda": str(eda),
         "minutes": round((time.perf_counter() - started) / 60, 2),
+        "data_version": prepared.data_version,
+        "leaked_images": len({leak.train for leak in prepared.leaks}),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     table = summary_table(rows)
     (out / "summary.md").write_text(
         f"{table}\n\nvalidation accuracy {summary['val_accuracy']:.4f}, with TTA "
         f"{summary['val_accuracy_tta']:.4f} (gain {summary['tta_gain']:+.4f}); "
-        f"total {summary['minutes']:.1f} min\n",
+        f"total {summary['minutes']:.1f} min\n\ndata version `{prepared.data_version}`; "
+        f"{summary['leaked_images']} training photo(s) left out as near-duplicates of "
+        "validation/test photos (leaks.csv)\n",
         encoding="utf-8",
     )
     return summary

@@ -2,12 +2,14 @@
 
 This is what `carclassifier prepare` and the pipeline's prepare step call; every later stage
 reads the ``split.csv`` written here, so all stages train and validate on the very same images.
+Training photos that are near-duplicates of validation or test photos are left out of it and
+listed in ``leaks.csv``; the data version (`carclassifier.lineage`) names the photos used.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +18,7 @@ from carclassifier.config import RunConfig, dump_config
 from carclassifier.data import (
     Dataset,
     ValidationReport,
+    is_image_name,
     load_dataset,
     make_split,
     read_split,
@@ -24,8 +27,11 @@ from carclassifier.data import (
 )
 from carclassifier.demo_data import REAL_SAMPLES, demo_dataset_root, shared_dir
 from carclassifier.errors import DatasetError
+from carclassifier.lineage import Leak, data_version, find_leaks, without_leaks
 
 log = logging.getLogger(__name__)
+
+LEAKS_FILE = "leaks.csv"
 
 
 @dataclass
@@ -36,6 +42,8 @@ class PreparedData:
     report: ValidationReport | None  # None when read back from a split written earlier
     split: pd.DataFrame
     split_path: Path
+    data_version: str | None = None  # carclassifier.lineage.data_version of the usable photos
+    leaks: list[Leak] = field(default_factory=list)  # training photos left out (leaks.csv)
 
     def subset(self, name: str) -> pd.DataFrame:
         """Rows of the split in subset ``train`` or ``val``."""
@@ -70,6 +78,14 @@ def validate_and_split(
         log.info("%s", line)
     report.ensure_trainable(config.data.min_images_per_class)
     split = make_split(report.usable, config.data.val_fraction, config.data.seed)
+    version = data_version(dataset.root, report.usable["path"], report.usable["label"])
+    leaks: list[Leak] = []
+    if config.data.leak_check:
+        leaks = _leaks(config, PreparedData(dataset, report, split, out / "split.csv"))
+        split = without_leaks(split, leaks)
+    pd.DataFrame([asdict(x) for x in leaks], columns=list(Leak.__dataclass_fields__)).to_csv(
+        out / LEAKS_FILE, index=False
+    )
     split_path = write_split(split, out / "split.csv")
     counts = split["subset"].value_counts()
     log.info(
@@ -78,7 +94,19 @@ def validate_and_split(
         counts.get("val", 0),
         split_path,
     )
-    return PreparedData(dataset, report, split, split_path)
+    log.info("data version %s", version)
+    return PreparedData(dataset, report, split, split_path, version, leaks)
+
+
+def _leaks(config: RunConfig, prepared: PreparedData) -> list[Leak]:
+    """Training photos that are near-duplicates of a validation or test photo."""
+    test = find_test_images(config, prepared)
+    test_paths = sorted(str(p) for p in test.rglob("*") if is_image_name(p)) if test else []
+    return find_leaks(
+        prepared.dataset.root,
+        list(prepared.subset("train")["path"]),
+        {"val": list(prepared.subset("val")["path"]), "test": test_paths},
+    )
 
 
 def load_prepared(data_root: str | Path, split_csv: str | Path) -> PreparedData:

@@ -151,6 +151,8 @@ def prepare_step(
         "train_images": int(counts.get("train", 0)),
         "val_images": int(counts.get("val", 0)),
         "excluded_images": len(prepared.report.excluded),
+        "leaked_images": len({leak.train for leak in prepared.leaks}),
+        "data_version": prepared.data_version,
         "test_dir": test_dir,
         "stages": [stage.name for stage in config.stages],
         "shards": len(packed),
@@ -358,7 +360,7 @@ def export_step(
 
     config, prepared, manifest = load_dataset_artifact(dataset_dir)
     evaluation = json.loads((Path(evaluation_dir) / "evaluation.json").read_text())
-    metadata = export_metadata(config, evaluation, run_key)
+    metadata = export_metadata(config, evaluation, run_key, manifest.get("data_version"))
     write_export(
         load_model(model_path), prepared.dataset.class_names, export_dir, metadata,
         tta=TtaSettings.from_config(config),
