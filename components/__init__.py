@@ -10,12 +10,14 @@ from dataclasses import dataclass, fields
 from kfp.dsl.python_component import PythonComponent
 
 from components._base import DEFAULT_IMAGE, IMAGE_ENV, TRAINER_IMAGE, trainer_component, with_image
+from components.deploy import deploy_model
 from components.eda import validate_and_eda
 from components.evaluate import evaluate_model
 from components.export import export_model
 from components.gate import champion_gate
 from components.predict import predict_submission
 from components.prepare import prepare_data
+from components.summary import run_summary
 from components.train import train_stage
 
 
@@ -30,11 +32,13 @@ class TrainerComponents:
     predict_submission: PythonComponent
     export_model: PythonComponent
     champion_gate: PythonComponent
+    deploy_model: PythonComponent
+    run_summary: PythonComponent
 
 
 _DEFAULTS = TrainerComponents(
     prepare_data, validate_and_eda, train_stage, evaluate_model, predict_submission, export_model,
-    champion_gate,
+    champion_gate, deploy_model, run_summary,
 )  # fmt: skip
 
 
@@ -51,10 +55,12 @@ __all__ = [
     "TRAINER_IMAGE",
     "TrainerComponents",
     "champion_gate",
+    "deploy_model",
     "evaluate_model",
     "export_model",
     "predict_submission",
     "prepare_data",
+    "run_summary",
     "train_stage",
     "trainer_component",
     "trainer_components",

@@ -9,6 +9,8 @@ from components._base import trainer_component
 def evaluate_model(
     dataset: Input[Dataset],
     model: Input[Model],
+    checkpoint_root: str,
+    run_key: str,
     metrics: Output[Metrics],
     confusion: Output[ClassificationMetrics],
     confusion_tta: Output[ClassificationMetrics],
@@ -19,7 +21,9 @@ def evaluate_model(
     (UI and CSV), per-class metrics and validation predictions."""
     from carclassifier import reports, steps
 
-    result = steps.evaluate_step(dataset.path, model.path, evaluation.path, report.path)
+    result = steps.evaluate_step(
+        dataset.path, model.path, evaluation.path, report.path, checkpoint_root, run_key
+    )
     reports.log_metrics(metrics, result["metrics"])
     reports.log_confusion(confusion, result["class_names"], result["confusion"])
     reports.log_confusion(confusion_tta, result["class_names"], result["confusion_tta"])

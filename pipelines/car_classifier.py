@@ -273,6 +273,8 @@ def build_pipeline(
         checkpoint_root: str = "",
         champion_pointer: str = "",
         min_improvement: float = 0.0,
+        serving_root: str = "",
+        webhook_url: str = "",
         gpu_type: str = options.gpu_type,
         gpu_count: str = options.gpu_count,
     ) -> None:
@@ -287,8 +289,34 @@ def build_pipeline(
             gpu_count: GPUs per model task (stages, evaluate, predict, gate), as text ("1").
             checkpoint_root: gs://bucket/prefix for checkpoints and run outputs ("" = the recipe's output_dir, local to each pod).
             champion_pointer: gs:// JSON object naming the champion export ("" = <checkpoint_root>/champion.json).
-            min_improvement: Accuracy margin by which the challenger must beat the champion.
+            min_improvement: Accuracy margin by which the challenger must beat the champion (and significantly: the recipe's gate section).
+            serving_root: gs:// prefix of the numbered serving versions and their champion.json pointer ("" = <checkpoint_root>/serving).
+            webhook_url: Slack-compatible incoming webhook the run summary is posted to ("" = none).
         """
+        arguments = (
+            data_source, overrides, backbone, image_size, checkpoint_root, champion_pointer,
+            min_improvement, serving_root, gpu_type, gpu_count,
+        )  # fmt: skip
+        if not target.task_final_status:
+            _tasks(*arguments)  # no exit task: this backend cannot give it the run's status
+            return
+        summary = ops.run_summary(
+            checkpoint_root=checkpoint_root,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            webhook_url=webhook_url,
+            gpu_count=gpu_count,
+        ).set_display_name("Run summary")
+        _common(summary, options, options.cpu_resources).set_caching_options(False)
+        tasks.append(summary)
+        with dsl.ExitHandler(summary, name="carclassifier-run"):
+            _tasks(*arguments)
+
+    def _tasks(
+        data_source: str, overrides: list, backbone: str, image_size: int, checkpoint_root: str,
+        champion_pointer: str, min_improvement: float, serving_root: str, gpu_type: str,
+        gpu_count: str,
+    ) -> None:  # fmt: skip
+        """Every task but the exit task, in the exit handler's group."""
         prepare = ops.prepare_data(
             config_yaml=recipe,
             overrides=overrides,
@@ -296,6 +324,8 @@ def build_pipeline(
             backbone=backbone,
             image_size=image_size,
             stage_names=stage_names,
+            checkpoint_root=checkpoint_root,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         ).set_display_name("Prepare data")
         tasks.append(prepare)
         _common(prepare, options, options.cpu_resources).set_caching_options(cache_data)
@@ -320,6 +350,8 @@ def build_pipeline(
                 stage_name=stage.name,
                 checkpoint_root=checkpoint_root,
                 run_key=run_key,
+                gpu_type=gpu_type,  # also threads both into the exit handler's group (the kfp
+                gpu_count=gpu_count,  # compiler passes a group only the channels tasks read)
                 **init,
             ).set_display_name(stage_display_name(stage))
             timeout = stage_timeout_seconds(config, stage, options)
@@ -331,7 +363,9 @@ def build_pipeline(
         assert previous is not None  # a RunConfig has at least one stage
         final = previous.outputs["model"]
 
-        evaluate = ops.evaluate_model(dataset=dataset, model=final)
+        evaluate = ops.evaluate_model(
+            dataset=dataset, model=final, checkpoint_root=checkpoint_root, run_key=run_key
+        )
         evaluate.set_display_name("Evaluate (TTA)")
         _on_gpu(evaluate, options, gpu_type, gpu_count).set_caching_options(True)
         tasks.append(evaluate)
@@ -359,9 +393,21 @@ def build_pipeline(
             champion_pointer=champion_pointer,
             min_improvement=min_improvement,
             checkpoint_root=checkpoint_root,
+            run_key=run_key,
         ).set_display_name("Champion/challenger gate")
         _on_gpu(gate, options, gpu_type, gpu_count).set_caching_options(False)
         tasks.append(gate)
+
+        with dsl.If(gate.outputs["Output"] == True, name="promoted"):  # noqa: E712 - a kfp condition
+            deploy = ops.deploy_model(
+                dataset=dataset,
+                export_uri=export.outputs["Output"],
+                serving_root=serving_root,
+                checkpoint_root=checkpoint_root,
+                run_key=run_key,
+            ).set_display_name("Deploy (new serving version)")
+            _common(deploy, options, options.cpu_resources).set_caching_options(False)
+            tasks.append(deploy)
         for each in tasks:  # kfp builds the platform spec right after this function returns
             fitted, dropped = kfp_versions.fit_kubernetes_config(
                 each.platform_config.get("kubernetes", {}), kfp_version
@@ -385,6 +431,9 @@ def build_pipeline(
         )(car_classifier)
     except ValueError as exc:  # kfp's own checks of the task settings (quantities, ...)
         raise ConfigError(f"kfp refused the cluster options: {exc}") from None
+    if not target.task_final_status:
+        since = kfp_versions.TASK_FINAL_STATUS_SINCE
+        lost[f"the run summary exit task (PipelineTaskFinalStatus, from {since})"] = 1
     if not target.resource_placeholders:
         fixed = f"{options.gpu_count} x {options.gpu_type}"
         lost[f"the gpu_type/gpu_count parameters (compiled in: {fixed})"] = 1

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from carclassifier.kubeflow import kfp_versions
+
 REPO = Path(__file__).resolve().parents[1]
 
 # (who, apiGroup, resource, verb, name or "", where it is called)
@@ -118,7 +120,9 @@ def retry_policies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ArgoRe
     )
     spec = next(yaml.safe_load_all(out.read_text()))
     policies = {}
-    for name, task in spec["root"]["dag"]["tasks"].items():
+    for name, task, _ in kfp_versions.walk_tasks(spec):
+        if "retryPolicy" not in task:
+            continue  # the exit handler's and the condition's groups (their tasks retry)
         p = task["retryPolicy"]
         policies[name] = ArgoRetry(
             p["maxRetryCount"],

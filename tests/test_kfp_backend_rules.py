@@ -58,7 +58,17 @@ def packages(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _tasks(spec: Mapping) -> dict[str, Any]:
-    return spec["root"]["dag"]["tasks"]
+    """Every container task, those in the exit handler's and conditions' groups included."""
+    return {
+        name: task
+        for name, task, _ in kfp_versions.walk_tasks(spec)
+        if "executorLabel" in spec["components"][task["componentRef"]["name"]]
+    }
+
+
+def _root_of(spec: Mapping, task: Mapping) -> Any:
+    """The task's resolver of pipeline parameters (`kfp_versions.walk_tasks`)."""
+    return next(r for _, t, r in kfp_versions.walk_tasks(spec) if t is task)
 
 
 def _container(spec: Mapping, task: Mapping) -> dict[str, Any]:
@@ -84,11 +94,13 @@ def _executor_parameter_values(spec: Mapping, task: Mapping, run: Mapping) -> di
     with parameters ``run`` (absent ones: the root defaults): a parameter passed down from the
     pipeline keeps the JSON kind of its value (a number stays a number Value)."""
     root = spec["root"]["inputDefinitions"]["parameters"]
+    root_of = _root_of(spec, task)
     values: dict[str, Any] = {}
     for name, source in task["inputs"].get("parameters", {}).items():
         if "componentInputParameter" in source:
-            parent = source["componentInputParameter"]
-            values[name] = run.get(parent, root[parent].get("defaultValue"))
+            parent = root_of(source["componentInputParameter"])
+            if parent is not None:  # else another task's output, passed down through a group
+                values[name] = run.get(parent, root[parent].get("defaultValue"))
         elif "runtimeValue" in source:
             values[name] = source["runtimeValue"]["constant"]
     return values
@@ -351,7 +363,8 @@ def test_compile_for_an_old_backend_says_in_one_line_what_is_lost(tmp_path, capl
     assert compile_main(args) == 0
     (line,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert line.startswith("KFP 2.2.0 cannot read all that kfp ")
-    for lost in ("securityContext (13 tasks)", "optional secretAsEnv kaggle-credentials",
+    for lost in ("securityContext (14 tasks)", "optional secretAsEnv kaggle-credentials",
+                 "the run summary exit task (PipelineTaskFinalStatus, from 2.14.0)",
                  "gpu_type/gpu_count parameters (compiled in: 1 x nvidia.com/gpu)"):  # fmt: skip
         assert lost in line
     caplog.clear()
@@ -423,6 +436,69 @@ def test_timeout_options_are_validated():
             ClusterOptions(**bad).check()
 
 
+@pytest.mark.parametrize("version", kfp_versions.SUPPORTED_VERSIONS)
+def test_the_exit_task_is_compiled_only_for_backends_that_resolve_its_status(packages, version):
+    """The run-summary exit task takes a ``PipelineTaskFinalStatus``: the driver resolves it from
+    2.14.0 on (kubeflow/pipelines backend/src/v2/driver/resolve.go, resolveInputParameter,
+    ``TaskInputsSpec_InputParameterSpec_TaskFinalStatus_``, tag 2.14.0); up to 2.5.0 the API
+    server's Argo compiler refuses such a package ("task final status not supported yet",
+    backend/src/v2/compiler/argocompiler/dag.go, tag 2.5.0). So the exit handler is there
+    exactly where it can run, and check_package names it where it cannot."""
+    spec, _ = packages(version)
+    finals = kfp_versions._final_status_inputs(spec)
+    supported = kfp_versions.backend(version).task_final_status
+    assert bool(finals) == supported
+    if supported:
+        assert finals == [("run-summary", "status")]
+        assert spec["root"]["dag"]["tasks"]["run-summary"]["triggerPolicy"] == {
+            "strategy": "ALL_UPSTREAM_TASKS_COMPLETED"
+        }
+    newest, _ = packages(kfp_versions.DEFAULT_VERSION)
+    problems = kfp_versions.check_package(newest, version)
+    assert any("PipelineTaskFinalStatus" in p for p in problems) == (not supported)
+
+
+@pytest.mark.parametrize("version", ["2.5.0", kfp_versions.DEFAULT_VERSION])
+def test_every_dag_passes_its_tasks_the_parameters_they_read(packages, version):
+    """The driver resolves a task's ``componentInputParameter`` from its parent DAG's inputs and
+    fails the task otherwise ("parent DAG does not have input parameter", kubeflow/pipelines
+    backend/src/v2/driver/resolve.go, resolveInputParameter, tag 2.17.0). The kfp compiler
+    threads into a group (the exit handler, a condition) only the channels its tasks take as
+    inputs, not those used only as resource placeholders: gpu_type/gpu_count reach the group
+    because the stage tasks also take them as inputs (kfp.local found the gap)."""
+    spec, _ = packages(version)
+    dags = {"root": spec["root"]} | {
+        name: comp for name, comp in spec["components"].items() if "dag" in comp
+    }
+    for name, dag in dags.items():
+        inputs = set((dag.get("inputDefinitions") or {}).get("parameters") or {})
+        for task_name, task in dag["dag"]["tasks"].items():
+            for source in ((task.get("inputs") or {}).get("parameters") or {}).values():
+                wanted = source.get("componentInputParameter")
+                assert wanted is None or wanted in inputs, (name, task_name, wanted)
+
+
+def test_deploy_runs_only_when_the_gate_promoted(packages):
+    """The deploy task is in a condition group on the gate's boolean output (dsl.If), which the
+    driver evaluates from the task's trigger policy (backend/src/v2/driver/driver.go,
+    ``opts.Task.GetTriggerPolicy().GetCondition()`` -> expr.Condition, tag 2.2.0 on)."""
+    spec, _ = packages(kfp_versions.DEFAULT_VERSION)
+    groups = {
+        name: comp for name, comp in spec["components"].items() if name.startswith("comp-condition")
+    }
+    (condition,) = [
+        task
+        for comp in spec["components"].values()
+        for task in ((comp.get("dag") or {}).get("tasks") or {}).values()
+        if task.get("componentRef", {}).get("name") in groups
+    ]
+    assert condition["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--champion-gate-Output'] == true"
+    )
+    (group,) = groups.values()
+    assert set(group["dag"]["tasks"]) == {"deploy-model"}
+
+
 # --------------------------------------------------------------------------------------------
 # The data and rules above, against the upstream source (skipped without the mirror)
 # --------------------------------------------------------------------------------------------
@@ -464,6 +540,23 @@ def test_backend_rules_match_the_driver_code(version):
     assert _grep(
         KFP_MIRROR, version, "podSpec.ActiveDeadlineSeconds = &timeout", "backend/src/v2/driver/"
     )
+
+
+@mirror
+@pytest.mark.parametrize("version", kfp_versions.SUPPORTED_VERSIONS)
+def test_task_final_status_support_matches_the_backend_code(version):
+    """`Backend.task_final_status` against the code at that tag: the Argo compiler's refusal
+    (backend/src/v2/compiler/argocompiler/dag.go) and the driver's resolution
+    (backend/src/v2/driver/resolve.go, resolveInputParameter)."""
+    dag = show(KFP_MIRROR, version, "backend/src/v2/compiler/argocompiler/dag.go")
+    refused = "task final status not supported yet" in dag
+    resolved = bool(
+        _grep(
+            KFP_MIRROR, version, "case *pipelinespec.TaskInputsSpec_InputParameterSpec_TaskFinalStatus_:",
+            "backend/src/v2/driver/resolve.go",
+        )
+    )  # fmt: skip
+    assert kfp_versions.backend(version).task_final_status == (resolved and not refused)
 
 
 @mirror

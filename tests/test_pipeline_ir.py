@@ -8,6 +8,7 @@ import yaml
 from kfp import compiler
 
 from carclassifier.config import load_config
+from carclassifier.kubeflow import kfp_versions
 from pipelines import ClusterOptions, build_pipeline, compile_pipeline
 from pipelines.__main__ import compile_main
 
@@ -29,7 +30,21 @@ def b6(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
 
 
 def _tasks(spec: dict) -> dict:
-    return spec["root"]["dag"]["tasks"]
+    """Every container task, those inside the exit handler's and conditions' groups included."""
+    return {
+        name: task
+        for name, task, _ in kfp_versions.walk_tasks(spec)
+        if "executorLabel" in spec["components"][task["componentRef"]["name"]]
+    }
+
+
+def _pipeline_parameter(spec: dict, task: dict, name: str) -> str | None:
+    """The pipeline parameter a task's input ``name`` comes from, through its groups."""
+    root_of = next(r for _, t, r in kfp_versions.walk_tasks(spec) if t is task)
+    source = task["inputs"]["parameters"][name]
+    return (
+        root_of(source["componentInputParameter"]) if "componentInputParameter" in source else None
+    )
 
 
 def _stage_tasks(spec: dict) -> list[tuple[str, dict]]:
@@ -103,7 +118,7 @@ def test_stage_tasks_get_data_run_key_and_display_names(b6):
             "outputParameterKey": "run_key",
             "producerTask": "prepare-data",
         }
-        assert params["checkpoint_root"] == {"componentInputParameter": "checkpoint_root"}
+        assert _pipeline_parameter(spec, task, "checkpoint_root") == "checkpoint_root"
     display = [t["taskInfo"]["name"] for _, t in chain]
     assert display[0] == "Stage 1 — head only"
     assert display[1] == "Stage 2 — unfreeze 1/2"
@@ -123,9 +138,8 @@ def test_every_model_task_requests_gpus_from_the_pipeline_parameters(b6):
             "resourceType": "{{$.inputs.parameters['pipelinechannel--gpu_type']}}",
             "resourceCount": "{{$.inputs.parameters['pipelinechannel--gpu_count']}}",
         }
-        params = task["inputs"]["parameters"]
-        assert params["pipelinechannel--gpu_type"] == {"componentInputParameter": "gpu_type"}
-        assert params["pipelinechannel--gpu_count"] == {"componentInputParameter": "gpu_count"}
+        assert _pipeline_parameter(spec, task, "pipelinechannel--gpu_type") == "gpu_type"
+        assert _pipeline_parameter(spec, task, "pipelinechannel--gpu_count") == "gpu_count"
         assert (resources["resourceCpuRequest"], resources["resourceCpuLimit"]) == ("6", "8")
         assert resources["resourceMemoryRequest"] == "20Gi"
         assert resources["resourceMemoryLimit"] == "26Gi"
@@ -219,7 +233,7 @@ def test_ui_outputs_and_artifacts(b6):
         "evaluation": "system.Artifact",
     }
     assert outputs("export-model") == {"exported": "system.Model"}
-    assert outputs("champion-gate") == {"metrics": "system.Metrics", "decision": "system.Markdown"}
+    assert outputs("champion-gate") == {"metrics": "system.Metrics", "report": "system.HTML"}
 
 
 def test_images_parameters_and_no_runtime_installs(b6):
@@ -239,6 +253,8 @@ def test_images_parameters_and_no_runtime_installs(b6):
         "checkpoint_root": "",
         "champion_pointer": "",
         "min_improvement": 0.0,
+        "serving_root": "",
+        "webhook_url": "",
     }
     assert spec["pipelineInfo"]["name"] == "car-classifier-recipe-b6"
 

@@ -9,11 +9,14 @@ tests cover those) but runs the real component code, artifacts, task order and c
 import json
 import os
 import shutil
+import threading
 import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import tiny_dataset
+from conftest import tiny_dataset, write_image
 
 from carclassifier import artifacts, reports, steps, storage
 from carclassifier.config import dump_config, load_config
@@ -164,8 +167,32 @@ def _artifact_metadata(task_dir: Path, name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory: pytest.TempPathFactory, gcs_emulator: str) -> dict:
-    """Run the pipeline once; hand the tests its task folders and buckets."""
+def webhook() -> Iterator[tuple[str, list[dict]]]:
+    """A Slack-style incoming webhook on 127.0.0.1 recording what it is sent."""
+    received: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hooks/carclassifier", received
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory, gcs_emulator: str, webhook) -> dict:
+    """The retraining loop, three runs on photos under a gs:// prefix: the first promotes and
+    deploys version 1; the second (same data) is cached but for the gate, which keeps the
+    champion; then photos are added to the prefix and the third retrains on the new data
+    version with a challenger that learns nothing, which the gate keeps out."""
     root = tmp_path_factory.mktemp("pipeline")
     data = tiny_dataset(root / "cars")
     config = load_config(
@@ -183,22 +210,36 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, gcs_emulator: str) ->
     client = storage.gcs_client()
     checkpoints = client.create_bucket(f"ckpt-{uuid.uuid4().hex[:8]}").name
     champions = client.create_bucket(f"champ-{uuid.uuid4().hex[:8]}").name
+    photos = client.create_bucket(f"photos-{uuid.uuid4().hex[:8]}").name
+    storage.upload_tree(data, f"gs://{photos}/cars")
     pointer = f"gs://{champions}/car-classifier/champion.json"
+    url, received = webhook
 
     arguments = {
-        "data_source": str(data),
+        "data_source": f"gs://{photos}/cars",
         "checkpoint_root": f"gs://{checkpoints}/runs",
         "champion_pointer": pointer,
+        "webhook_url": url,
     }
     tasks = run_pipeline_local(config, root / "kfp", enable_caching=True, **arguments)
     first_pointer = storage.read_text(pointer)
     again = run_pipeline_local(config, root / "kfp", enable_caching=True, **arguments)
+    for i in range(3):  # new photos arrive in the bucket
+        for c, name in enumerate(("audi", "bmw")):
+            path = write_image(root / "new" / name / f"new_{i}.jpg", seed=900 + 10 * c + i)
+            storage.put_file(path, f"gs://{photos}/cars/{name}/new_{i}.jpg")
+    untrained = ["stages.stage_1.learning_rate=1e-12", "stages.stage_2.learning_rate=1e-12"]
+    third = run_pipeline_local(
+        config, root / "kfp", enable_caching=True, overrides=untrained, **arguments
+    )
     return {
         "tasks": tasks,
         "again": again,
+        "third": third,
         "checkpoints": checkpoints,
         "pointer": pointer,
         "first_pointer": first_pointer,
+        "webhook": received,
     }
 
 
@@ -206,13 +247,17 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, gcs_emulator: str) ->
 def test_tasks_ran_in_dag_order(pipeline_run):
     tasks = pipeline_run["tasks"]
     names = {p.name for p in tasks.iterdir()}
-    assert names == {*TASKS_IN_ORDER, "predict-submission", "export-model", "champion-gate"}
+    assert names == {
+        *TASKS_IN_ORDER, "predict-submission", "export-model", "champion-gate", "deploy-model",
+        "run-summary",
+    }  # fmt: skip
     finished = {n: (tasks / n / "executor_output.json").stat().st_mtime_ns for n in names}
     order = [finished[n] for n in TASKS_IN_ORDER]
     assert order == sorted(order)
     last = finished["evaluate-model"]
     assert finished["predict-submission"] > last and finished["export-model"] > last
     assert finished["champion-gate"] > finished["export-model"]
+    assert finished["run-summary"] > max(v for k, v in finished.items() if k != "run-summary")
 
 
 @pytest.mark.slow
@@ -276,14 +321,56 @@ def test_submission_export_and_first_model_promoted(pipeline_run):
     assert pointer["export"] == export_uri
     gate = tasks / "champion-gate"
     assert _executor_output(gate)["parameterValues"]["Output"] is True
-    assert "promoted" in (gate / "decision").read_text()
+    assert "promoted" in (gate / "report").read_text()
 
 
 @pytest.mark.slow
 def test_rerun_is_cached_except_the_gate_which_keeps_the_champion(pipeline_run):
     again = pipeline_run["again"]
-    assert {p.name for p in again.iterdir()} == {"champion-gate"}  # every other task: cache hit
+    # every other task a cache hit; the gate keeps the champion, so nothing is deployed
+    assert {p.name for p in again.iterdir()} == {"champion-gate", "run-summary"}
     gate = again / "champion-gate"
     assert _executor_output(gate)["parameterValues"]["Output"] is False
-    assert "already the champion" in (gate / "decision").read_text()
+    assert "already the champion" in (gate / "report").read_text()
     assert storage.read_text(pipeline_run["pointer"]) == pipeline_run["first_pointer"]
+
+
+@pytest.mark.slow
+def test_the_first_run_deploys_version_1_and_tells_the_webhook(pipeline_run):
+    tasks = pipeline_run["tasks"]
+    assert _executor_output(tasks / "deploy-model")["parameterValues"]["Output"] == 1
+    serving = f"gs://{pipeline_run['checkpoints']}/runs/serving"
+    live = json.loads(storage.read_text(f"{serving}/champion.json"))
+    assert live["version"] == 1 and storage.exists(f"{serving}/1/saved_model.pb")
+    run_key = _executor_output(tasks / "prepare-data")["parameterValues"]["run_key"]
+    summary = json.loads(
+        storage.read_text(f"gs://{pipeline_run['checkpoints']}/runs/{run_key}/summary.json")
+    )
+    version = _artifact_metadata(tasks / "prepare-data", "dataset")["data_version"]
+    assert summary["status"] == "SUCCEEDED" and summary["deployed_version"] == 1
+    assert summary["data_version"] == version and version.startswith("sha256:")
+    assert set(summary["stages"]) == {"stage_1", "stage_2"} and summary["gate"]["promoted"]
+    texts = [message["text"] for message in pipeline_run["webhook"]]
+    assert any("SUCCEEDED" in t and "deployed: serving version 1" in t for t in texts), texts
+
+
+@pytest.mark.slow
+def test_new_photos_give_a_new_data_version_and_a_losing_challenger_is_kept_out(pipeline_run):
+    """The third run reads the grown prefix (a new data version), trains a challenger that
+    learns nothing, and the gate's paired test keeps the champion: no deployment."""
+    first, third = pipeline_run["tasks"], pipeline_run["third"]
+    before = _artifact_metadata(first / "prepare-data", "dataset")
+    after = _artifact_metadata(third / "prepare-data", "dataset")
+    assert after["data_version"] != before["data_version"]
+    assert (
+        after["train_images"] + after["val_images"]
+        == before["train_images"] + before["val_images"] + 6
+    )
+    assert _executor_output(third / "champion-gate")["parameterValues"]["Output"] is False
+    assert "McNemar" in (third / "champion-gate" / "report").read_text()
+    assert not (third / "deploy-model").exists()
+    assert json.loads(storage.read_text(pipeline_run["pointer"])) == json.loads(
+        pipeline_run["first_pointer"]
+    )
+    serving = f"gs://{pipeline_run['checkpoints']}/runs/serving"
+    assert json.loads(storage.read_text(f"{serving}/champion.json"))["version"] == 1

@@ -50,6 +50,8 @@ from carclassifier.storage import PreconditionFailedError
 log = logging.getLogger(__name__)
 
 POINTER_FILE = "champion.json"
+SERVING_DIR = "serving"
+"""Default serving root under the checkpoint root (the pipeline's ``serving_root=""``)."""
 CLAIMS_DIR = ".claims"
 CHECK_DIR = "check"
 CHECK_EXPECTED = "expected.json"

@@ -4,7 +4,7 @@
   artifacts (also written as JSON files);
 - `html_page`, `stage_page`, `evaluation_page`: self-contained HTML pages (inline CSS, images
   as data URIs) for kfp HTML artifacts;
-- `gate_markdown`: the champion/challenger decision for a kfp Markdown artifact;
+- `gate_page`: the champion/challenger decision, both models side by side, for a kfp HTML artifact;
 - `summary_table`: the Markdown table of the stages (``carclassifier train`` / ``run-local``).
 """
 
@@ -124,23 +124,80 @@ def evaluation_page(
 # --------------------------------------------------------------------------- Markdown
 
 
-def gate_markdown(decision: dict[str, Any], pointer: str, min_improvement: float) -> str:
-    """The champion/challenger decision (`carclassifier.gate.champion_challenger`'s keys) as a
-    Markdown page."""
+def _thumbnail(path: Path, size: int = 112) -> str:
+    """A small JPEG of the photo at ``path`` as a data URI."""
+    import base64
 
-    def acc(value: float | None) -> str:
-        return "–" if value is None else f"{value:.4f}"
+    from PIL import Image
 
-    verdict = "**promoted**: the challenger is the new champion" if decision["promoted"] else (
-        "**kept** the current champion"
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        image.thumbnail((size, size))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def gate_page(
+    decision: dict[str, Any],
+    pointer: str,
+    min_improvement: float,
+    class_names: list[str],
+    disagreements: list[tuple[Path, int, int, int]],
+    max_photos: int = 24,
+) -> str:
+    """The champion/challenger decision (`carclassifier.gate.GateDecision.as_dict`) as an HTML
+    page: the verdict and its reason, both models side by side (accuracy with its 95% interval,
+    per-class recall), and thumbnails of the photos they disagree on (``disagreements``:
+    photo, true label, challenger's and champion's prediction)."""
+
+    def acc(key: str) -> str:
+        value, interval = decision.get(f"{key}_accuracy"), decision.get(f"{key}_interval")
+        if value is None:
+            return "–"
+        return f"{value:.4f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+    def recall(key: str, k: int) -> str:
+        values = decision.get(f"{key}_recalls")
+        return "–" if not values or values[k] is None else f"{values[k]:.3f}"
+
+    verdict = "promoted: the challenger is the new champion" if decision["promoted"] else (
+        "kept the current champion"
     )  # fmt: skip
-    return (
-        f"# Champion/challenger gate\n\n{verdict} ({decision['reason']}).\n\n"
-        f"| | export | validation accuracy |\n|---|---|---:|\n"
-        f"| challenger | `{decision['challenger']}` | {acc(decision['challenger_accuracy'])} |\n"
-        f"| champion | `{decision['champion'] or '–'}` | {acc(decision['champion_accuracy'])} |\n\n"
-        f"Pointer: `{pointer}`; required improvement > {min_improvement:+.4f}.\n"
+    e = html.escape
+    rows = "".join(
+        f"<tr><th>{e(name)}</th><td>{recall('challenger', k)}</td><td>{recall('champion', k)}</td></tr>"
+        for k, name in enumerate(class_names)
     )
+    p_value = decision.get("p_value")
+    tests = (
+        f"<p>McNemar's exact test (one-sided) on the photos only one model gets right: "
+        f"{decision.get('challenger_only', 0)} only the challenger, "
+        f"{decision.get('champion_only', 0)} only the champion, p = {p_value:.3g}.</p>"
+        if p_value is not None
+        else ""
+    )
+    if decision.get("formats_difference") is not None:
+        tests += (
+            f"<p>model.onnx vs model.keras: at most {decision['formats_difference']:.1e} apart.</p>"
+        )
+    cards = "".join(
+        f'<figure style="display:inline-block;margin:.3rem;text-align:center">'
+        f'<img src="{_thumbnail(photo)}" alt="{e(photo.name)}"><figcaption>{e(class_names[true])}<br>'
+        f"challenger: {e(class_names[new])}<br>champion: {e(class_names[old])}</figcaption></figure>"
+        for photo, true, new, old in disagreements[:max_photos]
+    )
+    shown = f" ({max_photos} shown)" if len(disagreements) > max_photos else ""
+    body = (
+        f"<p><strong>{verdict}</strong>: {e(decision['reason'])}.</p>{tests}"
+        f"<table><tr><th></th><th>challenger</th><th>champion</th></tr>"
+        f"<tr><th>export</th><td>{e(str(decision['challenger']))}</td>"
+        f"<td>{e(str(decision.get('champion') or '–'))}</td></tr>"
+        f"<tr><th>accuracy [95% CI]</th><td>{acc('challenger')}</td><td>{acc('champion')}</td></tr>"
+        f"{rows}</table><p>Pointer: {e(pointer)}; required improvement &gt; {min_improvement:+.4f}.</p>"
+        f"<h2>Photos they disagree on: {len(disagreements)}{shown}</h2>{cards}"
+    )
+    return html_page("Champion/challenger gate", body)
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:

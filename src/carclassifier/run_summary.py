@@ -91,6 +91,8 @@ def collect(
     before it had one, so only the status is known)."""
     summary = RunSummary(status, run_id, failed_task or None, error or None, run_dir)
     if run_dir is None:
+        if status != "SUCCEEDED" and _is_group(failed_task):
+            summary.failed_task = "prepare-data (the run folder was never recorded)"
         return summary
     dataset = _json(storage.join(run_dir, "dataset.json")) or {}
     summary.data_version = dataset.get("data_version")
@@ -107,7 +109,27 @@ def collect(
     summary.deployed_version = None if deployed is None else int(deployed["version"])
     minutes = sum(float(s.get("minutes") or 0) for s in summary.stages.values())
     summary.gpu_hours = round(minutes / 60 * gpus_per_task, 3)
+    if status != "SUCCEEDED" and _is_group(failed_task):
+        summary.failed_task = _first_unfinished(summary, dataset.get("stages") or [])
     return summary
+
+
+def _is_group(task: str | None) -> bool:
+    """True for no task or a task group (KFP reports the exit handler's group, not the task
+    inside it that failed)."""
+    return not task or task.startswith("exit-handler")
+
+
+def _first_unfinished(summary: RunSummary, stages: list[str]) -> str:
+    """The first step of the run that left no output: the one that failed (or never ran)."""
+    for stage in stages:
+        if stage not in summary.stages:
+            return f"{stage} (first step without its output)"
+    if summary.val_accuracy is None:
+        return "evaluate (first step without its output)"
+    if summary.gate is None:
+        return "export or gate (first step without its output)"
+    return "deploy (first step without its output)"
 
 
 def post_webhook(url: str, summary: RunSummary, timeout: float = WEBHOOK_TIMEOUT_S) -> bool:

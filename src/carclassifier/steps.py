@@ -45,6 +45,7 @@ from carclassifier.artifacts import (
 from carclassifier.config import RunConfig, load_config, resolve_config
 from carclassifier.errors import DatasetError
 from carclassifier.prepare import PreparedData, find_test_images
+from carclassifier.run_summary import run_record
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +116,18 @@ def prepare_step(
     backbone: str = "",
     image_size: int = 0,
     stage_names: list[str] | None = None,
+    checkpoint_root: str = "",
+    run_id: str = "",
 ) -> dict[str, Any]:
     """Fetch the data (``data_source``: "" = the config's ``data.root`` or the demo data,
     "kaggle", a gs:// prefix or a folder) into ``dataset_dir/data``, validate it, split it, and
     write the Dataset artifact (see the module docstring).
 
     ``stage_names``: the stages the pipeline graph was compiled for; overrides that change the
-    stage list fail here, before any GPU pod starts. Returns the manifest.
+    stage list fail here, before any GPU pod starts. With ``checkpoint_root``, the manifest is
+    also written to the run folder and, with the KFP ``run_id``, the run folder is recorded
+    where the run's exit task finds it (`carclassifier.run_summary.run_record`). Returns the
+    manifest.
     """
     from carclassifier.prepare import validate_and_split
 
@@ -160,6 +166,12 @@ def prepare_step(
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     log.info("dataset artifact %s: %s", out, json.dumps(manifest))
+    if checkpoint_root:
+        folder = run_dir(checkpoint_root, manifest["run_key"], config)
+        storage.write_text(storage.join(folder, MANIFEST), json.dumps(manifest, indent=2))
+        if run_id:
+            record = {"run_dir": folder, "run_key": manifest["run_key"]}
+            storage.write_text(run_record(checkpoint_root, run_id), json.dumps(record))
     return manifest
 
 
@@ -225,12 +237,15 @@ def train_stage_step(
     init_model: str | None,
     model_out: str,
     curves_html: str,
+    gpu_type: str = "",
+    gpu_count: str = "",
 ) -> dict[str, Any]:
     """Train (or resume, or find finished) stage ``stage_name`` of the run into
     ``<run dir>/stages/<stage>``, starting from ``init_model`` (a ``.keras`` file; None: a fresh
     model). Copies the best model to ``model_out`` and writes the curves page to
-    ``curves_html``. Returns ``metrics`` (for the UI), ``model`` (Model metadata) and the
-    stage's full ``summary``."""
+    ``curves_html``. Returns ``metrics`` (for the UI; with ``gpu_hours``, the stage's minutes x
+    ``gpu_count``, the GPUs its task requested), ``model`` (Model metadata) and the stage's full
+    ``summary``."""
     from carclassifier.stages import run_stage, stage_dir
 
     config, prepared, _ = load_dataset_artifact(dataset_dir)
@@ -249,6 +264,10 @@ def train_stage_step(
         "best_epoch": m.get("best_epoch"),
         "minutes": m.get("minutes"),
         "image_size": m.get("image_size"),
+        "gpus": int(gpu_count) if gpu_count.isdigit() else None,
+        "gpu_hours": round(float(m.get("minutes") or 0) / 60 * int(gpu_count), 4)
+        if gpu_count.isdigit()
+        else None,
     }
     return {
         "metrics": {k: v for k, v in metrics.items() if v is not None},
@@ -260,6 +279,7 @@ def train_stage_step(
             "backbone": config.model.backbone,
             "framework": "keras",
             "found_finished": result.skipped,
+            "accelerator": gpu_type or None,
         },
         "summary": m,
     }
@@ -271,11 +291,17 @@ def _confusion(path: Path) -> list[list[int]]:
 
 @_step
 def evaluate_step(
-    dataset_dir: str, model_path: str, out_dir: str, report_html: str
+    dataset_dir: str,
+    model_path: str,
+    out_dir: str,
+    report_html: str,
+    checkpoint_root: str = "",
+    run_key: str = "",
 ) -> dict[str, Any]:
     """Evaluate the model on the validation split, plain and with TTA, into ``out_dir``
     (`carclassifier.evaluate.evaluate_classifier`'s files) and ``report_html``. Returns ``metrics``,
-    ``class_names``, ``confusion`` and ``confusion_tta`` (rows true, columns predicted)."""
+    ``class_names``, ``confusion`` and ``confusion_tta`` (rows true, columns predicted); with
+    ``checkpoint_root`` and ``run_key`` the metrics also go to ``<run dir>/evaluation/``."""
     from carclassifier.evaluate import evaluate_classifier
     from carclassifier.model import load_model
 
@@ -304,6 +330,9 @@ def evaluate_step(
     Path(report_html).write_text(
         reports.evaluation_page(metrics, per_class, out / "confusion_matrix.png"), encoding="utf-8"
     )
+    if checkpoint_root and run_key:
+        folder = run_dir(checkpoint_root, run_key, config)
+        storage.write_text(storage.join(folder, "evaluation", "metrics.json"), json.dumps(metrics))
     return {
         "metrics": metrics,
         "class_names": classes,
@@ -378,20 +407,24 @@ def gate_step(
     champion_pointer: str,
     min_improvement: float,
     checkpoint_root: str,
-    decision_md: str,
+    report_html: str,
+    run_key: str = "",
 ) -> dict[str, Any]:
     """Champion/challenger on this run's validation split
     (`carclassifier.gate.champion_challenger`); ``champion_pointer`` "" means
     ``<checkpoint_root>/champion.json``. When the pointer already names ``export_uri`` (a
     retried gate, or a rerun of the same recipe and data, which exports to the same place)
-    nothing is compared or rewritten. Writes the decision as Markdown to ``decision_md`` and
-    returns it (``promoted``, accuracies, ``reason``, ``pointer``, UI ``metrics``)."""
+    nothing is compared or rewritten. Writes the decision as an HTML page to ``report_html``
+    (and, with ``run_key``, as ``gate.json`` in the run folder) and returns it (``promoted``,
+    accuracies, ``reason``, ``pointer``, UI ``metrics``)."""
     from carclassifier.gate import champion_challenger
 
     config, prepared, _ = load_dataset_artifact(dataset_dir)
     pointer = champion_pointer or storage.join(checkpoint_root or config.output_dir, CHAMPION_FILE)
     text = storage.read_text(pointer)
     current = json.loads(text) if text else {}
+    val = prepared.subset("val")
+    disagreements: list[tuple[Path, int, int, int]] = []
     if current.get("export") == export_uri:
         accuracy = current.get("val_accuracy")
         decision: dict[str, Any] = {
@@ -401,22 +434,58 @@ def gate_step(
         }  # fmt: skip
         log.info("gate: %s is already the champion", export_uri)
     else:
-        decision = champion_challenger(
-            export_uri, prepared.dataset.root, prepared.subset("val"),
-            prepared.dataset.class_names, pointer, min_improvement,
-            batch_size=config.input.batch_size, significance=config.gate.significance,
-            max_recall_drop=config.gate.max_recall_drop,
+        result = champion_challenger(
+            export_uri, prepared.dataset.root, val, prepared.dataset.class_names, pointer,
+            min_improvement, batch_size=config.input.batch_size,
+            significance=config.gate.significance, max_recall_drop=config.gate.max_recall_drop,
             formats_tolerance=config.gate.formats_tolerance,
-        ).as_dict()  # fmt: skip
+        )  # fmt: skip
+        decision = result.as_dict()
+        if result.champion is not None:
+            pairs = zip(result.challenger.predicted, result.champion.predicted, strict=True)
+            disagreements = [
+                (Path(prepared.dataset.root) / val["path"][i], int(val["label"][i]), new, old)
+                for i, (new, old) in enumerate(pairs)
+                if new != old
+            ]
     decision["pointer"] = pointer
     decision["metrics"] = {"promoted": int(decision["promoted"])} | {
         k: decision[k]
         for k in ("challenger_accuracy", "champion_accuracy", "p_value")
         if decision.get(k) is not None
     }
-
-    Path(decision_md).parent.mkdir(parents=True, exist_ok=True)
-    Path(decision_md).write_text(
-        reports.gate_markdown(decision, pointer, min_improvement), encoding="utf-8"
+    Path(report_html).parent.mkdir(parents=True, exist_ok=True)
+    Path(report_html).write_text(
+        reports.gate_page(
+            decision, pointer, min_improvement, prepared.dataset.class_names, disagreements
+        ),
+        encoding="utf-8",
     )
+    if run_key:
+        folder = run_dir(checkpoint_root, run_key, config)
+        storage.write_text(storage.join(folder, "gate.json"), json.dumps(decision, indent=2))
     return decision
+
+
+@_step
+def deploy_step(
+    dataset_dir: str, export_uri: str, serving_root: str, checkpoint_root: str, run_key: str
+) -> dict[str, Any]:
+    """Publish the promoted export as the next version under ``serving_root`` ("" =
+    ``<checkpoint_root>/serving``) and make it live (`carclassifier.deploy.publish`), with the
+    first validation photo as the version's check photo; records ``deploy.json`` in the run
+    folder. Returns ``version``, ``uri``, ``live`` and ``serving_root``."""
+    from carclassifier.deploy import SERVING_DIR, publish
+
+    config, prepared, manifest = load_dataset_artifact(dataset_dir)
+    root = serving_root or storage.join(checkpoint_root or config.output_dir, SERVING_DIR)
+    val = prepared.subset("val")
+    photo = Path(prepared.dataset.root) / val["path"][0] if len(val) else None
+    done = publish(
+        export_uri, root, photo, export=export_uri, run_key=run_key,
+        data_version=manifest.get("data_version"),
+    )  # fmt: skip
+    result = {"version": done.version, "uri": done.uri, "live": done.live, "serving_root": root}
+    folder = run_dir(checkpoint_root, run_key, config)
+    storage.write_text(storage.join(folder, "deploy.json"), json.dumps(result, indent=2))
+    return result

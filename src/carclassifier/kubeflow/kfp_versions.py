@@ -22,14 +22,18 @@ from the driver's code:
   from 2.4.0 on (``resolvePodSpecInputRuntimeParameter``); 2.2.0 and 2.3.0 read only the old
   numeric fields, so a parameterised GPU is no GPU there;
 * ``optional`` of a secret or config map set as env vars is honoured from 2.15.0 on (``k8s.go``,
-  ``extendPodSpecPatch``); before, the field is unknown.
+  ``extendPodSpecPatch``); before, the field is unknown;
+* an exit task's ``PipelineTaskFinalStatus`` input (``taskFinalStatus``) is resolved from 2.14.0
+  on (``resolve.go``, ``resolveInputParameter``; without its error message: "TODO: Implement
+  fields Message and Code"); up to 2.5.0 the API server's Argo compiler refuses the package
+  ("task final status not supported yet", ``argocompiler/dag.go``, ``addImplicitDependencies``).
 
 docs/kfp-backend.md has the matrix and the upstream sources of each rule.
 """
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -52,11 +56,14 @@ RESOURCE_PLACEHOLDERS_SINCE = "2.4.0"
 OPTIONAL_ENV_SOURCES_SINCE = "2.15.0"
 STRICT_DRIVER_UNTIL = "2.4.0"
 STRICT_API_SERVER_SINCE = "2.14.0"
+TASK_FINAL_STATUS_SINCE = "2.14.0"
 
 _STAMP = "Compiled for the KFP backend {version}."
 _STAMP_RE = re.compile(r"Compiled for the KFP backend (\d+\.\d+\.\d+)\.\s*$")
 _PLACEHOLDER = re.compile(r"\$\.inputs\.parameters\['(.+?)'\]")
 """The driver's ``inputPipelineChannelPattern`` (backend/src/v2/driver/util.go)."""
+Resolver = Callable[[str], str | None]
+"""A task input's name -> the pipeline parameter it comes from (`walk_tasks`)."""
 _ENV_SOURCES = {"secretAsEnv": "secretName", "configMapAsEnv": "configMapName"}
 
 
@@ -77,6 +84,8 @@ class Backend:
     """``optional`` of ``secretAsEnv``/``configMapAsEnv`` exists and is honoured."""
     unknown_fields: str
     """What happens to a kubernetes-config field it does not know."""
+    task_final_status: bool = False
+    """An exit task may take ``PipelineTaskFinalStatus`` (else the run is refused)."""
 
     @property
     def kubernetes_fields(self) -> Mapping[str, Mapping[str, str]]:
@@ -110,6 +119,7 @@ def backend(version: str) -> Backend:
         resource_placeholders=key >= _key(RESOURCE_PLACEHOLDERS_SINCE),
         optional_env_sources=key >= _key(OPTIONAL_ENV_SOURCES_SINCE),
         unknown_fields=unknown,
+        task_final_status=key >= _key(TASK_FINAL_STATUS_SINCE),
     )
 
 
@@ -208,28 +218,45 @@ def target_version(spec: Mapping[str, Any]) -> str | None:
     return match.group(1) if match else None
 
 
-def _root_parameter_types(spec: Mapping[str, Any]) -> dict[str, str]:
-    params = ((spec.get("root") or {}).get("inputDefinitions") or {}).get("parameters") or {}
-    return {name: str(info.get("parameterType", "")) for name, info in params.items()}
+def walk_tasks(spec: Mapping[str, Any]) -> Iterator[tuple[str, Mapping[str, Any], Resolver]]:
+    """``(name, task, root_of)`` for every task of a pipeline spec, those inside groups (exit
+    handler, conditions) included. ``root_of(input)`` names the pipeline (root) parameter a
+    task's ``componentInputParameter`` comes from, through the groups' inputs (None: not a
+    pipeline parameter)."""
+    components = spec.get("components") or {}
+
+    def visit(dag: Mapping[str, Any], root_of: Resolver) -> Iterator[tuple[str, Mapping, Resolver]]:
+        for name, task in (((dag.get("dag") or {}).get("tasks")) or {}).items():
+            yield name, task, root_of
+            group = components.get((task.get("componentRef") or {}).get("name")) or {}
+            if "dag" in group:
+                sources = ((task.get("inputs") or {}).get("parameters")) or {}
+
+                def inner(
+                    key: str, sources: Mapping = sources, outer: Resolver = root_of
+                ) -> str | None:
+                    parent = (sources.get(key) or {}).get("componentInputParameter")
+                    return outer(parent) if parent else None
+
+                yield from visit(group, inner)
+
+    yield from visit(spec.get("root") or {}, lambda key: key)
 
 
-def _input_type(spec: Mapping[str, Any], task: Mapping[str, Any], name: str) -> str | None:
-    """The type a task input parameter arrives with: a root parameter's declared type, a
-    constant's JSON type, an upstream output's declared type (None: not found)."""
+def _input_type(
+    spec: Mapping[str, Any], task: Mapping[str, Any], name: str, root_of: Resolver
+) -> str | None:
+    """The type a task input parameter arrives with: the declared type of the pipeline
+    parameter it comes from, or a constant's JSON type (None: neither)."""
     source = ((task.get("inputs") or {}).get("parameters") or {}).get(name) or {}
-    if "componentInputParameter" in source:
-        return _root_parameter_types(spec).get(source["componentInputParameter"])
     if "runtimeValue" in source:
         value = source["runtimeValue"].get("constant")
         return "STRING" if isinstance(value, str) else type(value).__name__
-    producer = source.get("taskOutputParameter")
-    if producer:
-        tasks = ((spec.get("root") or {}).get("dag") or {}).get("tasks") or {}
-        ref = (tasks.get(producer.get("producerTask")) or {}).get("componentRef", {}).get("name")
-        outputs = (spec.get("components", {}).get(ref) or {}).get("outputDefinitions") or {}
-        info = (outputs.get("parameters") or {}).get(producer.get("outputParameterKey")) or {}
-        return info.get("parameterType")
-    return None
+    parent = (
+        root_of(source["componentInputParameter"]) if "componentInputParameter" in source else None
+    )
+    params = ((spec.get("root") or {}).get("inputDefinitions") or {}).get("parameters") or {}
+    return str(params[parent].get("parameterType", "")) if parent in params else None
 
 
 def _resource_values(resources: Mapping[str, Any]) -> dict[str, Any]:
@@ -242,8 +269,7 @@ def _resource_values(resources: Mapping[str, Any]) -> dict[str, Any]:
 def _check_resources(spec: Mapping[str, Any], target: Backend) -> list[str]:
     problems: list[str] = []
     executors = (spec.get("deploymentSpec") or {}).get("executors") or {}
-    tasks = ((spec.get("root") or {}).get("dag") or {}).get("tasks") or {}
-    for task_name, task in tasks.items():
+    for task_name, task, root_of in walk_tasks(spec):
         component = spec.get("components", {}).get(task.get("componentRef", {}).get("name")) or {}
         container = (executors.get(component.get("executorLabel")) or {}).get("container") or {}
         resources = _resource_values(container.get("resources") or {})
@@ -258,10 +284,11 @@ def _check_resources(spec: Mapping[str, Any], target: Backend) -> list[str]:
                     "compile it in as a constant"
                 )
                 continue
-            kind = _input_type(spec, task, match.group(1))
+            kind = _input_type(spec, task, match.group(1), root_of)
             if kind != "STRING":
                 source = ((task.get("inputs") or {}).get("parameters") or {}).get(match.group(1))
-                origin = (source or {}).get("componentInputParameter", match.group(1))
+                parent = (source or {}).get("componentInputParameter")
+                origin = (root_of(parent) if parent else None) or match.group(1)
                 problems.append(
                     f"task {task_name}: resources {field} comes from {origin} of type "
                     f"{kind}; the driver reads only string values (GetStringValue), so it "
@@ -274,6 +301,16 @@ def _check_resources(spec: Mapping[str, Any], target: Backend) -> list[str]:
                 "accelerator.count): the task gets no GPU"
             )
     return problems
+
+
+def _final_status_inputs(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(task, input) of every ``taskFinalStatus`` parameter input."""
+    return [
+        (name, param)
+        for name, task, _ in walk_tasks(spec)
+        for param, source in (((task.get("inputs") or {}).get("parameters")) or {}).items()
+        if "taskFinalStatus" in (source or {})
+    ]
 
 
 def check_package(
@@ -291,6 +328,12 @@ def check_package(
             f"compile it with --kfp-version {version}"
         )
     problems += _check_resources(spec, target)
+    if not target.task_final_status:
+        problems += [
+            f"task {name}: input {param} is a PipelineTaskFinalStatus, which KFP {version} "
+            f"cannot resolve (from {TASK_FINAL_STATUS_SINCE} on): leave the exit task out"
+            for name, param in _final_status_inputs(spec)
+        ]
     kubernetes = ((platform or {}).get("platforms") or {}).get("kubernetes") or {}
     executors = (kubernetes.get("deploymentSpec") or {}).get("executors") or {}
     for name, config in sorted(executors.items()):

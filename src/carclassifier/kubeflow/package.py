@@ -103,7 +103,7 @@ def _typed_default(info: Mapping[str, Any]) -> Any:
 def _recipe_of(spec: Mapping[str, Any]) -> tuple[str | None, list[str] | None]:
     """The recipe YAML and stage names compiled into a car-classifier pipeline's IR (the
     prepare task's constant inputs, see `pipelines.car_classifier`), or (None, None)."""
-    for task in (((spec.get("root") or {}).get("dag") or {}).get("tasks") or {}).values():
+    for _, task, _ in kfp_versions.walk_tasks(spec):
         inputs = ((task or {}).get("inputs") or {}).get("parameters") or {}
         recipe = ((inputs.get("config_yaml") or {}).get("runtimeValue") or {}).get("constant")
         if isinstance(recipe, str):
