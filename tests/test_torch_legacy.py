@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from carclassifier.backbones.lite0 import imagenet_weights_path
+from carclassifier.backbones.lite import imagenet_weights_path
 from carclassifier.backbones.torch_legacy import (
     LEGACY_MAGIC_NUMBER,
     LEGACY_PROTOCOL_VERSION,

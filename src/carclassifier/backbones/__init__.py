@@ -1,9 +1,14 @@
-"""Image backbones by name: keras.applications EfficientNets and an offline EfficientNet-Lite0.
+"""Image backbones by name: keras.applications EfficientNets and offline EfficientNet-Lite0/1/2.
 
 Every backbone takes raw RGB pixels in 0..255 (float) and normalizes them itself.
 """
 
-from carclassifier.backbones.lite0 import efficientnet_lite0
+from carclassifier.backbones.lite import (
+    efficientnet_lite,
+    efficientnet_lite0,
+    efficientnet_lite1,
+    efficientnet_lite2,
+)
 from carclassifier.backbones.registry import (
     BackboneSpec,
     available_backbones,
@@ -16,7 +21,10 @@ __all__ = [
     "BackboneSpec",
     "available_backbones",
     "build_backbone",
+    "efficientnet_lite",
     "efficientnet_lite0",
+    "efficientnet_lite1",
+    "efficientnet_lite2",
     "get_backbone",
     "register_backbone",
 ]

