@@ -207,7 +207,7 @@ def test_deployment_is_locked_down_and_probed():
     port = {p["name"]: p["containerPort"] for p in container["ports"]}["http"]
     assert f"--port={port}" in container["args"] and "--host=0.0.0.0" in container["args"]
     model = [a for a in container["args"] if a.startswith("--model=")]
-    assert model == ["--model=gs://REPLACE_ME/carclassifier/export"]
+    assert model == ["--model=gs://REPLACE_ME/carclassifier/serving"]
     # The Service reaches these pods by the pod labels, on the named port.
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
@@ -221,7 +221,7 @@ def test_the_cli_accepts_the_deployment_arguments_and_the_image_defaults():
     deployment, _ = rendered_serving()
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     parsed = build_parser().parse_args(["serve", *args])
-    assert parsed.model == "gs://REPLACE_ME/carclassifier/export" and parsed.port == 8080
+    assert parsed.model == "gs://REPLACE_ME/carclassifier/serving" and parsed.port == 8080
     # The image's own defaults: tests/test_images.py::test_serve_image_config (the built image).
 
 
