@@ -249,6 +249,13 @@ def train_stage_step(
         "best_epoch": m.get("best_epoch"),
         "minutes": m.get("minutes"),
         "image_size": m.get("image_size"),
+        "attempts": m.get("attempts"),
+        "preemptions": m.get("preemptions"),
+        "minutes_lost_to_preemption": m.get("minutes_lost_to_preemption"),
+        "minutes_checkpointing": m.get("minutes_checkpointing"),
+        "checkpoint_interval_minutes": m.get("checkpoint_interval_minutes"),
+        "checkpoint_seconds": m.get("checkpoint_seconds"),
+        "mtbf_minutes": m.get("mtbf_minutes"),
     }
     return {
         "metrics": {k: v for k, v in metrics.items() if v is not None},
