@@ -235,3 +235,35 @@ def test_a_stage_killed_at_every_step_in_turn_ends_as_the_uninterrupted_one(
     assert metrics["attempts"] == EPOCHS * steps and metrics["preemptions"] == EPOCHS * steps - 1
     assert len(mid_epoch) >= 3 and metrics["checkpoint_every"] == "2"
     assert metrics["checkpoints_written"] >= len(mid_epoch) + 1
+
+
+def test_an_auto_checkpointed_generator_stage_killed_mid_epoch_resumes_there(
+    prepared_run, reference_out, monkeypatch
+):
+    """``every: auto`` (bounds so short that every step is due) with the recipe's generator
+    pipeline: killed after step 1 of epoch 2, resumed at that step, the result of an
+    uninterrupted run with that pipeline, which is the tf.data run's (identical batches)."""
+    root, _, reference = prepared_run
+    stage_out = root / "auto-generator"
+    settings = ["input.pipeline=image_data_augmentor", "checkpoint.every=auto",
+                "checkpoint.min_minutes=0.00001", "checkpoint.max_minutes=0.00002"]  # fmt: skip
+    reference(root / "generator-reference", settings[0])
+    assert_same_result(root / "generator-reference", reference_out)  # same batches, same result
+    original = checkpoints.StageCheckpoint.on_train_batch_end
+
+    def on_train_batch_end(self, batch, logs=None):
+        original(self, batch, logs)
+        if self.position == (1, 1):
+            raise Killed("epoch 2, step 1")
+
+    monkeypatch.setattr(checkpoints.StageCheckpoint, "on_train_batch_end", on_train_batch_end)
+    with pytest.raises(Killed):
+        reference(stage_out, *settings)
+    assert _latest(stage_out) == (1, 1)
+    monkeypatch.setattr(checkpoints.StageCheckpoint, "on_train_batch_end", original)
+    metrics = reference(stage_out, *settings)
+    assert_same_result(stage_out, root / "generator-reference")
+    assert metrics["checkpoint_every"] == "auto" and metrics["preemptions"] == 1
+    assert metrics["mtbf_source"].startswith("learned: 1 preemption(s) that lost work")
+    assert metrics["mtbf_minutes"] < 120  # the prior pulled down by the preemption seen
+    assert metrics["checkpoint_interval_minutes"] == 0.0  # clipped to the (tiny) upper bound

@@ -220,6 +220,7 @@ class DataFrameIterator(keras.utils.PyDataset):
         self.epoch = initial_epoch
         self.index_array = self._order()
         self.offset = _check_step(initial_step, batches_per_epoch(self.n, batch_size))
+        self._in_epoch = False
 
     # Keras-compatible attributes of the old DirectoryIterator
     @property
@@ -254,7 +255,15 @@ class DataFrameIterator(keras.utils.PyDataset):
         images = self.examples.batch(chosen, self.epoch, self.seed)
         return images, encode_labels(self.labels[chosen], self.num_classes, self.class_mode)
 
+    def on_epoch_begin(self) -> None:
+        self._in_epoch = True
+
     def on_epoch_end(self) -> None:
+        # Keras' epoch iterator also calls this once when fit() starts, before any epoch
+        # (EpochIterator.reset): that call must not skip the first epoch (or its offset).
+        if not self._in_epoch:
+            return
+        self._in_epoch = False
         self.epoch += 1
         self.offset = 0
         self.index_array = self._order()
