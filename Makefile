@@ -84,6 +84,7 @@ bench: install  ## CPU benchmarks (~18 min; BENCH_ARGS=--quick ~6 min), results 
 	$(PY) -m benchmarks.memory $(BENCH_ARGS)
 	$(PY) -m benchmarks.gcs_throughput $(BENCH_ARGS)
 	$(PY) -m benchmarks.data_handoff $(BENCH_ARGS)
+	$(PY) -m benchmarks.preemption_sim $(BENCH_ARGS)
 
 compile: install  ## the recipe's kfp pipeline -> pipelines/compiled/car_classifier.yaml (IMAGE=..., KFP_VERSION=...)
 	$(PY) -m pipelines compile --config $(PIPELINE_CONFIG) --out $(PIPELINE_PACKAGE) $(COMPILE_ARGS)

@@ -134,3 +134,23 @@ def test_a_process_that_lost_the_claim_writes_no_checkpoint(model, tmp_path):
     assert not (out / "checkpoints").exists()
     write_checkpoint(str(out), 1, model, {"epoch": 1}, tmp_path, keep=2, owner="new-pod")
     assert (out / "checkpoints" / "latest.json").is_file()
+
+
+def test_mid_epoch_checkpoints_are_ordered_kept_and_leftovers_discarded(model, tmp_path):
+    out = tmp_path / "stage"
+    for epoch, step in ((1, 0), (1, 2), (2, 0)):
+        write_checkpoint(str(out), epoch, model, {"epoch": epoch, "step": step}, tmp_path,
+                         keep=2, step=step)  # fmt: skip
+    folders = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert folders == ["epoch-0001-step-000002", "epoch-0002", "latest.json"]
+    write_checkpoint(str(out), 2, model, {"epoch": 2, "step": 1}, tmp_path, keep=2, step=1)
+    pointer = json.loads((out / "checkpoints" / "latest.json").read_text())
+    assert (pointer["epoch"], pointer["step"], pointer["dir"]) == (2, 1, "epoch-0002-step-000001")
+    torn = out / "checkpoints" / "epoch-0002-step-000003"  # a killed attempt's upload
+    torn.mkdir()
+    (torn / "model.keras").write_bytes(b"half")
+    assert read_checkpoint(str(out), tmp_path / "read")[1] == {"epoch": 2, "step": 1}
+    checkpoints.discard_newer(str(out), (2, 1))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "epoch-0002", "epoch-0002-step-000001", "latest.json",
+    ]  # fmt: skip

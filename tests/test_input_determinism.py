@@ -52,11 +52,14 @@ def epochs(inputs, count: int, steps: int) -> list[list[tuple[np.ndarray, np.nda
     return out
 
 
-def make(dataset, pipeline: str, workers: int = 1, initial_epoch: int = 0, seed: int = 7):
+def make(
+    dataset, pipeline: str, workers: int = 1, initial_epoch: int = 0, seed: int = 7,
+    initial_step: int = 0,
+):  # fmt: skip
     ds, frame = dataset
     return make_inputs(
         config(pipeline, workers, seed), ds.root, frame, ds.class_names, training=True,
-        initial_epoch=initial_epoch,
+        initial_epoch=initial_epoch, initial_step=initial_step,
     )  # fmt: skip
 
 
@@ -92,6 +95,24 @@ def test_resumed_pipeline_starts_with_the_epoch_it_resumes(dataset, pipeline):
     orders = [np.concatenate([y.argmax(1) for _, y in e]) for e in uninterrupted]
     assert sorted(orders[0]) == sorted(orders[1]) == sorted(dataset[1]["label"])
     assert len({tuple(o) for o in orders}) == 3  # reshuffled every epoch
+
+
+@pytest.mark.parametrize("pipeline", ["tf_data", "image_data_augmentor"])
+def test_a_pipeline_resumed_mid_epoch_yields_the_rest_of_that_epoch_then_whole_ones(
+    dataset, pipeline
+):
+    steps = batches_per_epoch(len(dataset[1]), BATCH)
+    uninterrupted = epochs(make(dataset, pipeline), 2, steps)
+    resumed = make(dataset, pipeline, initial_epoch=1, initial_step=2)
+    if pipeline == "tf_data":  # one endless iterator: the rest of epoch 1, then epoch 2
+        rest = epochs(resumed, 1, steps - 2)[0]
+    else:
+        assert len(resumed) == steps - 2
+        rest = epochs(resumed, 1, steps - 2)[0]
+        assert len(resumed) == steps  # the next epoch is whole again
+    assert_same(rest, uninterrupted[1][2:])
+    with pytest.raises(ValueError, match="initial_step 3 is not a batch of an epoch of 3"):
+        make(dataset, pipeline, initial_step=steps)
 
 
 def test_both_pipelines_give_identical_training_batches_and_seed_matters(dataset):

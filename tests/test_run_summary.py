@@ -40,9 +40,13 @@ def _run_folder(root: str) -> str:
         storage.join(run_dir, "dataset.json"), json.dumps({"data_version": "sha256:00ff"})
     )
     for name, acc, minutes in (("stage_1", 0.81, 30.0), ("stage_2", 0.93, 90.0)):
+        preempted = {"attempts": 3, "preemptions": 2, "minutes_lost_to_preemption": 12.0,
+                     "minutes_checkpointing": 2.0} if name == "stage_2" else {}  # fmt: skip
         storage.write_text(
             storage.join(run_dir, "stages", name, "metrics.json"),
-            json.dumps({"best_val_accuracy": acc, "minutes": minutes, "epochs_run": 5}),
+            json.dumps(
+                {"best_val_accuracy": acc, "minutes": minutes, "epochs_run": 5, **preempted}
+            ),
         )
     storage.write_text(
         storage.join(run_dir, "evaluation", "metrics.json"), json.dumps({"accuracy": 0.94})
@@ -62,13 +66,18 @@ def test_a_finished_run_is_summarised_in_its_folder_and_posted(tmp_path, receive
     run_dir = _run_folder(root)
     summary = write_summary(root, "run-1", "SUCCEEDED", webhook_url=url, gpus_per_task=2)
     assert summary.data_version == "sha256:00ff" and summary.deployed_version == 4
-    assert summary.gpu_hours == pytest.approx((30 + 90) / 60 * 2)
+    assert summary.gpu_hours == round((30 + 90 + 12 + 2) / 60 * 2, 3)  # redone work too
     assert summary.stages["stage_2"]["best_val_accuracy"] == 0.93
     written = json.loads(storage.read_text(storage.join(run_dir, "summary.json")))
     assert written["gate"]["promoted"] is True
     (body,) = received
     assert body["text"].startswith("✅ carclassifier run run-1: **SUCCEEDED**")
-    assert "deployed: serving version 4" in body["text"] and "GPU hours: 4.00" in body["text"]
+    assert "deployed: serving version 4" in body["text"] and "GPU hours: 4.47" in body["text"]
+    assert (
+        "stage_2: best val accuracy 0.9300, 90.0 min (3 attempt(s), 12.0 min lost to "
+        "preemption, 2.0 min checkpointing)"
+    ) in body["text"]
+    assert "stage_1: best val accuracy 0.8100, 30.0 min\n" in body["text"]
 
 
 def test_a_failed_run_names_the_failed_task_and_a_dead_webhook_fails_nothing(tmp_path, receiver):

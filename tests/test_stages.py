@@ -212,4 +212,12 @@ def test_all_stages_end_to_end_on_tiny_images(make_folder_dataset, tmp_path):
     submission = (out / "submission.csv").read_text().splitlines()
     assert submission[0] == "Id,Category" and len(submission) == 3
     assert "| stage_2 |" in (out / "summary.md").read_text()
+    assert (
+        "| attempts | minutes lost to preemption | minutes checkpointing |"
+        in (out / "summary.md").read_text()
+    )
+    first = summary["stages"][0]  # one uninterrupted attempt, one checkpoint per epoch
+    assert (first["attempts"], first["preemptions"], first["checkpoints_written"]) == (1, 0, 2)
+    assert first["minutes_lost_to_preemption"] == 0 and first["checkpoint_seconds"] > 0
+    assert first["checkpoint_every"] == "epoch" and first["checkpoint_interval_minutes"] is None
     assert Path(summary["eda"]).is_file()

@@ -1,11 +1,20 @@
-"""What a stage folder holds while it trains: per-epoch checkpoints, the ``latest.json`` pointer,
-the best model, and the claim that says which run (and which process) writes there::
+"""What a stage folder holds while it trains: per-epoch and mid-epoch checkpoints, the
+``latest.json`` pointer, the best model, the attempt history and the claim that says which run
+(and which process) writes there::
 
     <out>/stage.json                                         claim: fingerprint + owning process
+    <out>/attempts.json                                      attempt history (carclassifier.attempts)
     <out>/checkpoints/epoch-0003/{model.keras,state.json}   every epoch (the newest 2+ kept)
+    <out>/checkpoints/epoch-0003-step-000120/...             mid-epoch: 3 epochs + 120 steps done
     <out>/checkpoints/epoch-0003/checkpoint.json             their checksums, written after them
     <out>/checkpoints/latest.json                            pointer, written last
     <out>/best.keras                                         best by val_accuracy
+
+A mid-epoch checkpoint (``checkpoint.every``, or on SIGTERM when it fits in the grace period)
+also stores what the rest of the epoch needs to replay the uninterrupted run exactly: the
+running loss/accuracy sums (totals and counts) of the epoch, the state of every dropout ``SeedGenerator`` and the
+seconds trained in the epoch; the batches before it are skipped by the input pipeline
+(``make_inputs(initial_step=...)``).
 
 A checkpoint is complete once its ``checkpoint.json`` (SHA-256 of both files) exists;
 ``latest.json`` then moves to it (on gs:// conditional on the generation read, so two writers
@@ -19,16 +28,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
 import numpy as np
 
 from carclassifier import storage
+from carclassifier.attempts import AttemptLedger
+from carclassifier.checkpoint_policy import CheckpointPolicy
 from carclassifier.config import StageConfig
 from carclassifier.errors import CarClassifierError, StorageError
 
@@ -42,6 +55,30 @@ MIN_KEPT = 2
 """Checkpoints kept at least: the newest and the previous good one to fall back to."""
 MONITOR = "val_accuracy"
 _CALLBACK_STATE = ("wait", "best", "cooldown_counter", "stopped_epoch", "best_epoch")
+_FOLDER = re.compile(r"^epoch-(\d+)(?:-step-(\d+))?$")
+
+Position = tuple[int, int]
+"""Where training is: (epochs done, steps done in the next epoch)."""
+
+
+def folder_name(epoch: int, step: int = 0) -> str:
+    """The checkpoint folder of ``epoch`` epochs (plus ``step`` steps of the next) done."""
+    return f"epoch-{epoch:04d}" + (f"-step-{step:06d}" if step else "")
+
+
+def folder_position(name: str) -> Position | None:
+    """The position a checkpoint folder name stands for, None for other names."""
+    match = _FOLDER.match(name)
+    return (int(match.group(1)), int(match.group(2) or 0)) if match else None
+
+
+def seed_generators(model: keras.Model) -> list:
+    """Every ``SeedGenerator`` of the model's layers (dropout), in a fixed order."""
+    return [g for layer in model._flatten_layers() for g in layer._seed_generators]
+
+
+def _numbers(variable: keras.Variable) -> list | float | int:
+    return keras.ops.convert_to_numpy(variable).tolist()
 
 
 class StageConflictError(CarClassifierError):
@@ -50,14 +87,20 @@ class StageConflictError(CarClassifierError):
 
 class StageCheckpoint(keras.callbacks.Callback):
     """Every epoch: update the history, save the best model, write a checkpoint, then move the
-    ``latest.json`` pointer to it. On train begin: restore the other callbacks' counters.
+    ``latest.json`` pointer to it. Within an epoch: a checkpoint whenever ``policy`` says one is
+    due (`save_mid_epoch`). On train begin: restore the other callbacks' counters; on the
+    begin of an epoch resumed mid-way: restore its running metrics and dropout seeds.
 
-    Must come last in the callback list, so its restore runs after the others reset themselves.
+    Must come last but for `SigtermGuard` in the callback list, so its restores run after the
+    others reset themselves (and after `EpochSeed`). ``ledger`` hears of every step and
+    checkpoint; ``steps_per_epoch`` is the epoch's full length (a resumed epoch is shorter).
     """
 
     def __init__(
         self, out: str, stage: StageConfig, state: dict, tracked: list, keep: int,
-        owner: str | None = None,
+        owner: str | None = None, policy: CheckpointPolicy | None = None,
+        ledger: AttemptLedger | None = None, steps_per_epoch: int | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:  # fmt: skip
         super().__init__()
         self.out = out
@@ -66,20 +109,100 @@ class StageCheckpoint(keras.callbacks.Callback):
         self.tracked = tracked
         self.keep = keep
         self.owner = owner
+        self.policy = policy
+        self.ledger = ledger
+        self.steps_per_epoch = steps_per_epoch
+        self.clock = clock
+        self.position: Position = (int(state.get("epoch", 0)), int(state.get("step", 0)))
+        self.saved: Position = self.position  # the newest checkpoint's position
+        self._offset = 0
         self._epoch_started = 0.0
+        self._checkpointing = 0.0  # seconds of mid-epoch checkpoints in this epoch
+        self._metric_sums: list | None = None
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         saved = self.state.get("callbacks", {})
         for callback in self.tracked:
             for key, value in saved.get(type(callback).__name__, {}).items():
                 setattr(callback, key, value)
+        if self.policy is not None:
+            self.policy.start()
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._epoch_started = time.perf_counter()
+        self._offset, elapsed = 0, 0.0
+        resume = self.state.get("resume")
+        if resume and self.state.get("step") and int(self.state["epoch"]) == epoch:
+            self._metric_sums = resume["metrics"]
+            for generator, value in zip(seed_generators(self.model), resume["seed_generators"],
+                                        strict=True):  # fmt: skip
+                generator.state.assign(np.asarray(value, dtype=generator.state.dtype))
+            self._offset, elapsed = int(self.state["step"]), float(resume["epoch_seconds"])
+            log.info("%s: epoch %d resumes at step %d (the rest of its batches, its running "
+                     "metrics and dropout seeds as they were)", self.stage.name, epoch + 1,
+                     self._offset)  # fmt: skip
+        self.position = (epoch, self._offset)
+        self._epoch_started = self.clock() - elapsed
+        self._checkpointing = 0.0
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self._metric_sums is not None:
+            # The epoch's running loss/accuracy sums before the resumed step: Keras builds a
+            # loaded model's metrics in its first step, so they are added back after it (they
+            # are totals and counts, reset at the epoch's begin: the sums come out the same).
+            for variable, value in zip(self.model.metrics_variables, self._metric_sums,
+                                       strict=True):  # fmt: skip
+                variable.assign_add(np.asarray(value, dtype=variable.dtype))
+            self._metric_sums = None
+        self.position = (self.position[0], self._offset + batch + 1)
+        if self.ledger is not None:
+            self.ledger.step(self.position)
+        if self.policy is not None and self.policy.step():
+            self.save_mid_epoch()
+
+    def can_save_mid_epoch(self) -> bool:
+        """Whether the current position can be a mid-epoch checkpoint: some of the epoch's
+        training steps are still ahead (after its last one only the epoch end can be saved)."""
+        step = self.position[1]
+        return 0 < step and (self.steps_per_epoch is None or step < self.steps_per_epoch)
+
+    def save_mid_epoch(self) -> str | None:
+        """Checkpoint the current position (unless already saved or not savable): returns the
+        folder written, or None."""
+        if self.saved == self.position or not self.can_save_mid_epoch():
+            return None
+        epoch, step = self.position
+        started = self.clock()
+        state = {
+            **self.state,
+            "epoch": epoch,
+            "step": step,
+            "callbacks": _callback_states(self.tracked),
+            "resume": {
+                "metrics": [_numbers(v) for v in self.model.metrics_variables],
+                "seed_generators": [_numbers(g.state) for g in seed_generators(self.model)],
+                "epoch_seconds": round(started - self._epoch_started - self._checkpointing, 3),
+            },
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            uri = write_checkpoint(self.out, epoch, self.model, state, Path(tmp), self.keep,
+                                   self.owner, step=step)  # fmt: skip
+        seconds = self.clock() - started
+        self._checkpointing += seconds
+        self._committed(seconds)
+        log.info("%s epoch %d step %d/%s: checkpoint in %.1fs -> %s", self.stage.name, epoch + 1,
+                 step, self.steps_per_epoch or "?", seconds, uri)  # fmt: skip
+        return uri
+
+    def _committed(self, seconds: float) -> None:
+        self.saved = self.position
+        if self.policy is not None:
+            self.policy.record(seconds)
+        if self.ledger is not None:
+            self.ledger.checkpointed(self.position, seconds)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = dict(logs or {})
-        seconds = time.perf_counter() - self._epoch_started
+        seconds = self.clock() - self._epoch_started - self._checkpointing
         logs["learning_rate"] = float(
             keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
         )
@@ -88,6 +211,9 @@ class StageCheckpoint(keras.callbacks.Callback):
             history.setdefault(key, []).append(float(value))
         self.state.setdefault("epoch_seconds", []).append(round(seconds, 3))
         self.state["epoch"] = epoch + 1
+        self.state["step"] = 0
+        self.state.pop("resume", None)
+        self.position = (epoch + 1, 0)
         best = self.state.get("best")
         accuracy, loss = logs.get(MONITOR, 0.0), logs.get("val_loss", float("inf"))
         improved = best is None or (accuracy, -loss) > (best["val_accuracy"], -best["val_loss"])
@@ -101,9 +227,11 @@ class StageCheckpoint(keras.callbacks.Callback):
                 self.model.save(Path(tmp) / BEST_MODEL)
                 storage.put_file(Path(tmp) / BEST_MODEL, storage.join(self.out, BEST_MODEL))
             self.state["callbacks"] = _callback_states(self.tracked)
+            started = self.clock()
             uri = write_checkpoint(
                 self.out, epoch + 1, self.model, self.state, Path(tmp), self.keep, self.owner
             )
+            self._committed(self.clock() - started)
         log.info(
             "%s epoch %d/%d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f lr %.2e (%.0fs)%s -> %s",
             self.stage.name, epoch + 1, self.stage.epochs, logs.get("loss", float("nan")),
@@ -136,16 +264,17 @@ def _check_owner(out: str, owner: str | None) -> None:
 
 def write_checkpoint(
     out: str, epoch: int, model: keras.Model, state: dict, tmp: Path, keep: int,
-    owner: str | None = None,
+    owner: str | None = None, step: int = 0,
 ) -> str:  # fmt: skip
-    """Upload ``model.keras`` + ``state.json`` for ``epoch``, then their checksums
-    (``checkpoint.json``), then point ``latest.json`` at them (so a half-written checkpoint is
-    never the latest), then drop checkpoints beyond ``max(keep, MIN_KEPT)``.
+    """Upload ``model.keras`` + ``state.json`` for ``epoch`` epochs (and ``step`` steps of the
+    next) done, then their checksums (``checkpoint.json``), then point ``latest.json`` at them
+    (so a half-written checkpoint is never the latest), then drop all but the newest
+    ``max(keep, MIN_KEPT)`` checkpoints up to this one.
 
     With ``owner``, first checks that this process still holds the stage's claim. On gs:// the
     pointer is replaced only if nobody replaced it since it was read (``if_generation_match``).
     """
-    name = f"epoch-{epoch:04d}"
+    name = folder_name(epoch, step)
     folder = storage.join(out, "checkpoints", name)
     model_file, state_file = tmp / "model.keras", tmp / "state.json"
     model.save(model_file)
@@ -155,6 +284,7 @@ def write_checkpoint(
     storage.put_file(state_file, storage.join(folder, "state.json"))
     manifest = {
         "epoch": epoch,
+        "step": step,
         "dir": name,
         "sha256": storage.sha256_file(model_file),
         "state_sha256": storage.sha256_file(state_file),
@@ -169,10 +299,13 @@ def write_checkpoint(
             f"{latest} was moved by another writer while epoch {epoch} was being saved: "
             "two processes are training into the same stage folder"
         ) from exc
-    kept = max(keep, MIN_KEPT)
-    for stale in storage.list_names(storage.join(out, "checkpoints")):
-        if stale.startswith("epoch-") and int(stale.split("-")[1]) <= epoch - kept:
-            storage.delete_tree(storage.join(out, "checkpoints", stale))
+    older = sorted(
+        (position, name)
+        for name in storage.list_names(storage.join(out, "checkpoints"))
+        if (position := folder_position(name)) is not None and position <= (epoch, step)
+    )
+    for _, stale in older[: -max(keep, MIN_KEPT)]:
+        storage.delete_tree(storage.join(out, "checkpoints", stale))
     return folder
 
 
@@ -202,15 +335,17 @@ def _candidates(out: str) -> list[dict]:
         try:
             pointer = json.loads(text)
             entries.append(pointer)
-            newest = int(pointer["epoch"])
+            newest = (int(pointer["epoch"]), int(pointer.get("step", 0)))
         except (ValueError, KeyError, TypeError):
             log.warning("%s is unreadable: looking for checkpoints folder by folder",
                         storage.join(out, LATEST))  # fmt: skip
     folders = [
-        n for n in storage.list_names(storage.join(out, "checkpoints")) if n.startswith("epoch-")
+        (position, name)
+        for name in storage.list_names(storage.join(out, "checkpoints"))
+        if (position := folder_position(name)) is not None
     ]
-    for name in sorted(folders, reverse=True):
-        if newest is not None and int(name.split("-")[1]) >= newest:
+    for position, name in sorted(folders, reverse=True):
+        if newest is not None and position >= newest:
             continue  # newer than the pointer: never committed
         manifest = storage.read_text(storage.join(out, "checkpoints", name, MANIFEST))
         if manifest is None:
@@ -239,12 +374,25 @@ def read_checkpoint(out: str, tmp: Path) -> tuple[keras.Model, dict] | None:
         if entry is not entries[0]:
             log.warning("falling back to the previous good checkpoint %s", folder)
         model = keras.models.load_model(model_file, compile=True, safe_mode=True)
-        log.info("resuming from checkpoint %s (epoch %d done)", folder, entry["epoch"])
+        step = int(entry.get("step", 0))
+        log.info("resuming from checkpoint %s (epoch %d done%s)", folder, entry["epoch"],
+                 f", {step} steps of epoch {entry['epoch'] + 1}" if step else "")  # fmt: skip
         return model, state
     raise StorageError(
         f"no checkpoint under {storage.join(out, 'checkpoints')} matches its checksum; "
         f"delete {out} to start the stage over"
     )
+
+
+def discard_newer(out: str, position: Position) -> None:
+    """Delete checkpoint folders newer than ``position`` (the one a stage resumes from): left by
+    an attempt killed before its pointer moved, or a bad newest one. The resumed run writes its
+    own, and none of them can take a slot among the checkpoints kept to fall back to."""
+    for name in storage.list_names(storage.join(out, "checkpoints")):
+        found = folder_position(name)
+        if found is not None and found > position:
+            log.info("removing %s: newer than the checkpoint resumed from", name)
+            storage.delete_tree(storage.join(out, "checkpoints", name))
 
 
 def claim_stage(out: str, stage: StageConfig, fingerprint: str) -> str:

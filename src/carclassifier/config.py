@@ -353,8 +353,8 @@ class TrainConfig(_Section):
         2,
         ge=2,
         le=1000,
-        description="Per-epoch checkpoints kept, newest first; at least 2, so a corrupt newest "
-        "one falls back to the previous.",
+        description="Checkpoints kept (epoch-end and mid-epoch), newest first; at least 2, so "
+        "a corrupt newest one falls back to the previous.",
     )
 
 
@@ -379,6 +379,82 @@ class GateConfig(_Section):
     )
 
 
+DEFAULT_MTBF_MINUTES = 120.0
+"""Prior mean time between preemptions (a spot node lives ~2 h at the median) used by
+``checkpoint.every: auto`` when ``checkpoint.mtbf_minutes`` is not set."""
+
+_EVERY_MINUTES = re.compile(r"^(\d+(?:\.\d+)?)m$")
+
+
+class CheckpointConfig(_Section):
+    """When a stage checkpoints (always at each epoch end, too) and what SIGTERM may do."""
+
+    every: int | str = Field(
+        "epoch",
+        description="epoch: at epoch ends only; N: also every N training steps; '<N>m': every N "
+        "minutes; auto: the Young/Daly interval from the measured checkpoint cost and the "
+        "preemption rate.",
+    )
+    mtbf_minutes: float | None = Field(
+        None,
+        gt=0.0,
+        le=10**6,
+        description="Mean time between preemptions for auto. None: learned from the stage's "
+        f"attempt history, starting from {DEFAULT_MTBF_MINUTES:g} min.",
+    )
+    grace_seconds: float = Field(
+        30.0,
+        ge=0.0,
+        le=86400.0,
+        description="Time between SIGTERM and SIGKILL (the pod's terminationGracePeriodSeconds): "
+        "a checkpoint is written on SIGTERM only if its measured cost fits.",
+    )
+    min_minutes: float = Field(1.0, gt=0.0, le=10**4, description="auto: shortest interval.")
+    max_minutes: float = Field(60.0, gt=0.0, le=10**4, description="auto: longest interval.")
+
+    @field_validator("every", mode="before")
+    @classmethod
+    def _every(cls, value: Any) -> int | str:
+        if isinstance(value, bool) or value is None:
+            raise ValueError(
+                "write epoch, a number of steps (e.g. 200), minutes (e.g. 10m) or auto"
+            )
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError(f"{value} steps: checkpoint every 1 step or more")
+            return value
+        text = str(value).strip().lower()
+        if text.isdigit():
+            return cls._every(int(text))
+        if text in ("epoch", "auto"):
+            return text
+        match = _EVERY_MINUTES.match(text)
+        if match is None or float(match.group(1)) <= 0:
+            raise ValueError(
+                f"{value!r} is not epoch, a number of steps (e.g. 200), minutes (e.g. 10m) or auto"
+            )
+        return text
+
+    @model_validator(mode="after")
+    def _bounds(self) -> CheckpointConfig:
+        if self.min_minutes > self.max_minutes:
+            raise ValueError(
+                f"min_minutes {self.min_minutes} > max_minutes {self.max_minutes}: swap them"
+            )
+        return self
+
+    @property
+    def every_steps(self) -> int | None:
+        """Steps between mid-epoch checkpoints (``every: N``), else None."""
+        return self.every if isinstance(self.every, int) else None
+
+    @property
+    def every_minutes(self) -> float | None:
+        """Minutes between mid-epoch checkpoints (``every: '<N>m'``), else None."""
+        match = _EVERY_MINUTES.match(self.every) if isinstance(self.every, str) else None
+        return float(match.group(1)) if match else None
+
+
 class RunConfig(_Section):
     """Everything one run needs."""
 
@@ -390,6 +466,7 @@ class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     stages: list[StageConfig] = Field(default_factory=_default_stages, min_length=1, max_length=100)
 
     _output_dir = field_validator("output_dir")(_location_or_none("output_dir"))

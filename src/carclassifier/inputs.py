@@ -184,6 +184,8 @@ class DataFrameIterator(keras.utils.PyDataset):
 
     Epoch ``e`` (counted from ``initial_epoch``, advanced by ``on_epoch_end``) is a function of
     (seed, e) only: order `epoch_order`, augmentation seeded per example by `example_seed`.
+    ``initial_step``: the first epoch starts at that batch (a resumed mid-epoch checkpoint); its
+    batches are the uninterrupted epoch's from there on, and nothing before is made.
     """
 
     def __init__(
@@ -201,6 +203,7 @@ class DataFrameIterator(keras.utils.PyDataset):
         max_queue_size: int = 10,
         initial_epoch: int = 0,
         cache: bool = False,
+        initial_step: int = 0,
     ) -> None:
         super().__init__(
             workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size
@@ -216,6 +219,8 @@ class DataFrameIterator(keras.utils.PyDataset):
         self.class_mode = class_mode
         self.epoch = initial_epoch
         self.index_array = self._order()
+        self.offset = _check_step(initial_step, batches_per_epoch(self.n, batch_size))
+        self._in_epoch = False
 
     # Keras-compatible attributes of the old DirectoryIterator
     @property
@@ -240,18 +245,34 @@ class DataFrameIterator(keras.utils.PyDataset):
         return epoch_order(self.n, self.seed, self.epoch, self.shuffle)
 
     def __len__(self) -> int:
-        return batches_per_epoch(self.n, self.batch_size)
+        return batches_per_epoch(self.n, self.batch_size) - self.offset
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if index >= len(self):
             raise IndexError(f"batch {index} out of range ({len(self)} batches)")
+        index += self.offset
         chosen = self.index_array[index * self.batch_size : (index + 1) * self.batch_size]
         images = self.examples.batch(chosen, self.epoch, self.seed)
         return images, encode_labels(self.labels[chosen], self.num_classes, self.class_mode)
 
+    def on_epoch_begin(self) -> None:
+        self._in_epoch = True
+
     def on_epoch_end(self) -> None:
+        # Keras' epoch iterator also calls this once when fit() starts, before any epoch
+        # (EpochIterator.reset): that call must not skip the first epoch (or its offset).
+        if not self._in_epoch:
+            return
+        self._in_epoch = False
         self.epoch += 1
+        self.offset = 0
         self.index_array = self._order()
+
+
+def _check_step(step: int, batches: int) -> int:
+    if not 0 <= step < batches:
+        raise ValueError(f"initial_step {step} is not a batch of an epoch of {batches} batches")
+    return step
 
 
 def _label_values(
@@ -305,9 +326,11 @@ class ImageDataAugmentor:
         max_queue_size: int = 10,
         initial_epoch: int = 0,
         cache: bool = False,
+        initial_step: int = 0,
     ) -> DataFrameIterator:
         """Batches from ``dataframe[x_col]`` (paths, relative to ``directory`` if given), starting
-        at epoch ``initial_epoch``; ``cache`` keeps decoded images in memory between epochs."""
+        at batch ``initial_step`` of epoch ``initial_epoch``; ``cache`` keeps decoded images in
+        memory between epochs."""
         for column in (x_col, y_col):
             if column not in dataframe.columns:
                 raise ValueError(
@@ -331,6 +354,7 @@ class ImageDataAugmentor:
             max_queue_size,
             initial_epoch,
             cache,
+            initial_step,
         )
 
     def flow_from_directory(
@@ -372,6 +396,7 @@ def make_tf_dataset(
     repeat: bool = False,
     num_parallel_calls: int | None = None,
     cache: bool = False,
+    initial_step: int = 0,
 ):  # noqa: ANN201 - tf.data.Dataset, tensorflow imported lazily
     """A tf.data pipeline with the same batches as `DataFrameIterator`.
 
@@ -380,7 +405,9 @@ def make_tf_dataset(
     ``e`` depends on (seed, e, b) only, whatever the parallelism (``num_parallel_calls``, default
     AUTOTUNE). ``repeat``: epochs ``initial_epoch, initial_epoch + 1, ...`` without end (give
     ``model.fit`` ``steps_per_epoch=batches_per_epoch(n, batch_size)``); else the single epoch
-    ``initial_epoch``.
+    ``initial_epoch``. ``initial_step``: the first epoch starts at that batch (resuming a
+    mid-epoch checkpoint); the batches before it are skipped as index lists, before any image
+    is loaded.
     """
     import tensorflow as tf
 
@@ -415,9 +442,10 @@ def make_tf_dataset(
         epochs = tf.data.Dataset.counter(initial_epoch)
     else:
         epochs = tf.data.Dataset.from_tensors(tf.constant(initial_epoch, tf.int64))
-    ds = epochs.flat_map(epoch_batches)
+    batches = batches_per_epoch(n, batch_size)
+    ds = epochs.flat_map(epoch_batches).skip(_check_step(initial_step, batches))
     if not repeat:
-        ds = ds.apply(tf.data.experimental.assert_cardinality(batches_per_epoch(n, batch_size)))
+        ds = ds.apply(tf.data.experimental.assert_cardinality(batches - initial_step))
     ds = ds.map(load, num_parallel_calls=num_parallel_calls or tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -430,13 +458,14 @@ def make_inputs(
     training: bool,
     class_mode: ClassMode = "categorical",
     initial_epoch: int = 0,
+    initial_step: int = 0,
 ) -> Any:
     """Batches for ``frame`` (columns ``path``, ``label``) with the pipeline the config picks:
     augmented and shuffled when ``training``, resized only and in order otherwise.
 
     Training batches of epoch ``e`` are a function of (``config.data.seed``, e) only, the same
     for both pipelines and any number of workers; the first epoch yielded is ``initial_epoch``
-    (resume). Training with ``tf_data`` yields epochs without end: pass
+    from its batch ``initial_step`` on (resume). Training with ``tf_data`` yields epochs without end: pass
     ``steps_per_epoch=batches_per_epoch(len(frame), batch_size)`` to ``model.fit``.
     The ``image_data_augmentor`` generator advances its epoch in ``on_epoch_end`` (Keras calls it).
     """
@@ -463,6 +492,7 @@ def make_inputs(
             workers=config.input.workers,
             initial_epoch=initial_epoch,
             cache=cache,
+            initial_step=initial_step,
         )
     maker = ExampleMaker((size, size), transform)
     paths = [str(Path(root) / p) for p in frame["path"]]
@@ -479,4 +509,5 @@ def make_inputs(
         repeat=training,
         num_parallel_calls=config.input.workers,
         cache=cache,
+        initial_step=initial_step,
     )

@@ -201,14 +201,18 @@ def gate_page(
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of the stages: epochs, best validation accuracy, minutes."""
+    """A Markdown table of the stages: epochs, best validation accuracy, minutes, and what
+    preemption cost them (attempts, minutes lost to preemption, minutes checkpointing)."""
     lines = [
-        "| stage | description | size | epochs | best val accuracy | minutes |",
-        "|---|---|---:|---:|---:|---:|",
+        "| stage | description | size | epochs | best val accuracy | minutes | attempts "
+        "| minutes lost to preemption | minutes checkpointing |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['stage']} | {r['description']} | {r['image_size']} | {r['epochs_run']} | "
-            f"{r['best_val_accuracy']:.4f} | {r['minutes']:.1f} |"
+            f"{r['best_val_accuracy']:.4f} | {r['minutes']:.1f} | {r.get('attempts', 1)} | "
+            f"{r.get('minutes_lost_to_preemption', 0.0):.1f} | "
+            f"{r.get('minutes_checkpointing', 0.0):.1f} |"
         )
     return "\n".join(lines)

@@ -4,8 +4,9 @@ The pipeline's exit task (``dsl.ExitHandler``) calls `write_summary` with the ru
 (KFP's ``PipelineTaskFinalStatus``: state, the failed task's name, its error) and the run folder
 (``<checkpoint_root>/<run key>``, found through `run_record`). The summary gathers what the
 steps left there: the data version, each stage's best validation accuracy and minutes, the
-evaluation, the gate's decision, the deployed version, and the GPU hours the stages used
-(their training minutes x GPUs per task). It is written as ``summary.json`` and ``summary.md``
+evaluation, the gate's decision, the deployed version, what preemption cost each stage
+(attempts, minutes lost to preemption, minutes checkpointing) and the GPU hours the stages used
+(their training, redone and checkpointing minutes x GPUs per task). It is written as ``summary.json`` and ``summary.md``
 in the run folder and, when a webhook URL is set, posted as Slack-compatible JSON
 (``{"text": ...}``; Slack, Mattermost, Rocket.Chat and Google Chat read that field).
 """
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 RUNS_DIR = "kfp-runs"
 """Under the checkpoint root: ``<run id>.json`` says which run folder a KFP run wrote."""
 WEBHOOK_TIMEOUT_S = 10.0
+_STAGE_KEYS = ("best_val_accuracy", "minutes", "epochs_run", "attempts", "preemptions",
+               "minutes_lost_to_preemption", "minutes_checkpointing")  # fmt: skip
 
 
 @dataclass
@@ -54,9 +57,16 @@ class RunSummary:
             lines.append(f"- data version: `{self.data_version}`")
         for name, stage in self.stages.items():
             acc = stage.get("best_val_accuracy")
+            preempted = ""
+            if stage.get("attempts") is not None:
+                preempted = (
+                    f" ({stage['attempts']} attempt(s), "
+                    f"{stage.get('minutes_lost_to_preemption') or 0:.1f} min lost to preemption, "
+                    f"{stage.get('minutes_checkpointing') or 0:.1f} min checkpointing)"
+                )
             lines.append(
                 f"- {name}: best val accuracy {'–' if acc is None else f'{acc:.4f}'}, "
-                f"{stage.get('minutes', 0):.1f} min"
+                f"{stage.get('minutes', 0):.1f} min{preempted}"
             )
         if self.val_accuracy is not None:
             lines.append(f"- evaluation: val accuracy {self.val_accuracy:.4f}")
@@ -99,15 +109,17 @@ def collect(
     for name in storage.list_names(storage.join(run_dir, "stages")):
         metrics = _json(storage.join(run_dir, "stages", name, "metrics.json"))
         if metrics is not None:
-            summary.stages[name] = {
-                k: metrics.get(k) for k in ("best_val_accuracy", "minutes", "epochs_run")
-            }
+            summary.stages[name] = {k: metrics.get(k) for k in _STAGE_KEYS}
     evaluation = _json(storage.join(run_dir, "evaluation", "metrics.json")) or {}
     summary.val_accuracy = evaluation.get("accuracy")
     summary.gate = _json(storage.join(run_dir, "gate.json"))
     deployed = _json(storage.join(run_dir, "deploy.json"))
     summary.deployed_version = None if deployed is None else int(deployed["version"])
-    minutes = sum(float(s.get("minutes") or 0) for s in summary.stages.values())
+    minutes = sum(
+        float(s.get(k) or 0)
+        for s in summary.stages.values()
+        for k in ("minutes", "minutes_lost_to_preemption", "minutes_checkpointing")
+    )
     summary.gpu_hours = round(minutes / 60 * gpus_per_task, 3)
     if status != "SUCCEEDED" and _is_group(failed_task):
         summary.failed_task = _first_unfinished(summary, dataset.get("stages") or [])

@@ -11,20 +11,27 @@ in `carclassifier.training_callbacks`.
 
 Reliability (see docs/reliability.md):
 
-* Resume. Started again with the same arguments, a stage resumes after its last complete epoch
-  (weights, optimizer state, history, ReduceLROnPlateau/EarlyStopping counters). Randomness is a
-  function of (seed, epoch): the input batches of epoch e (`make_inputs` ``initial_epoch``) and
-  the model's dropout/global seeds (`EpochSeed`), so a resumed stage ends with the weights of an
-  uninterrupted one.
+* Resume. Started again with the same arguments, a stage resumes from its last checkpoint
+  (weights, optimizer state, history, ReduceLROnPlateau/EarlyStopping counters): an epoch end,
+  or a step inside an epoch (``checkpoint.every``: steps, minutes or ``auto``, see
+  `carclassifier.checkpoint_policy`). Randomness is a function of (seed, epoch): the input
+  batches of epoch e (`make_inputs` ``initial_epoch``, ``initial_step`` skipping the batches
+  already trained) and the model's dropout/global seeds (`EpochSeed`; a mid-epoch checkpoint
+  stores the seeds' state at its step), so a resumed stage ends with the weights of an
+  uninterrupted one. A stage resumed mid-epoch trains the rest of that epoch in one
+  ``model.fit`` call and the epochs after it in a second.
 * Torn checkpoints. A checkpoint is complete once its ``checkpoint.json`` (SHA-256 of both
   files) exists; ``latest.json`` then moves to it (on gs:// conditional on the generation read,
   so two writers cannot both move it). A checkpoint that fails its checksums is skipped with a
   warning and the previous good one is used; at least two are kept.
 * SIGTERM (what Kubernetes sends before SIGKILL): the current train or validation step
-  finishes, the epoch is abandoned (a mid-epoch state could not be resumed identically, so no
-  mid-epoch checkpoint is written: the last complete epoch's checkpoint is already stored), and
-  the process exits with status 143 (`PREEMPTED_EXIT_CODE`). A checkpoint upload under way when
-  the signal comes completes first; so the time to exit is one step plus at most one upload.
+  finishes; after a train step a checkpoint of that step is written if the longest checkpoint
+  measured so far fits in what is left of ``checkpoint.grace_seconds`` (else the log says why
+  not and the last checkpoint stands), and the process exits with status 143
+  (`PREEMPTED_EXIT_CODE`). A checkpoint upload under way when the signal comes completes first.
+* Lost time. ``<out>/attempts.json`` (`carclassifier.attempts`) records every attempt: the
+  stage's metrics count attempts, preemptions, minutes lost to them (work redone) and minutes
+  spent checkpointing.
 * Out of memory: a clear `StageOutOfMemoryError` naming the stage, batch and image size and a
   smaller batch size to try; the checkpoints stay.
 * Idempotence. A stage whose ``metrics.json`` exists and was made from the same fingerprint
@@ -50,15 +57,18 @@ import numpy as np
 import pandas as pd
 
 from carclassifier import storage
+from carclassifier.attempts import AttemptLedger, learned_mtbf
+from carclassifier.checkpoint_policy import CheckpointPolicy
 from carclassifier.checkpoints import (
     BEST_MODEL,
     StageCheckpoint,
     StageConflictError,
     claim_stage,
+    discard_newer,
     read_checkpoint,
 )
-from carclassifier.config import RunConfig, StageConfig
-from carclassifier.errors import CarClassifierError
+from carclassifier.config import DEFAULT_MTBF_MINUTES, RunConfig, StageConfig
+from carclassifier.errors import CarClassifierError, StagePreempted
 from carclassifier.inputs import batches_per_epoch, make_inputs
 from carclassifier.model import build_classifier, load_model, set_trainable
 from carclassifier.plots import plot_history
@@ -148,25 +158,31 @@ def _compile(model: keras.Model, stage: StageConfig, config: RunConfig) -> None:
 # --------------------------------------------------------------------------- one stage
 
 
-def _stage_inputs(
-    config: RunConfig, stage: StageConfig, prepared: PreparedData, initial_epoch: int = 0
-):  # noqa: ANN202
-    """Training batches from epoch ``initial_epoch`` on, validation batches, training images."""
-    size, batch = config.stage_image_size(stage), config.stage_batch_size(stage)
-    cfg = config.model_copy(
-        update={"input": config.input.model_copy(update={"image_size": size, "batch_size": batch})}
-    )
-    train = prepared.subset("train")
-    if config.train.steps_per_epoch:
-        shuffled = train.sample(frac=1.0, random_state=config.data.seed)
-        train = shuffled.head(config.train.steps_per_epoch * batch).reset_index(drop=True)
-    classes = prepared.dataset.class_names
-    return (
-        make_inputs(cfg, prepared.dataset.root, train, classes, training=True,
-                    initial_epoch=initial_epoch),
-        make_inputs(cfg, prepared.dataset.root, prepared.subset("val"), classes, training=False),
-        len(train),
-    )  # fmt: skip
+class _StageInputs:
+    """A stage's inputs: training batches from any (epoch, step), validation batches."""
+
+    def __init__(self, config: RunConfig, stage: StageConfig, prepared: PreparedData) -> None:
+        size, batch = config.stage_image_size(stage), config.stage_batch_size(stage)
+        self.config = config.model_copy(
+            update={
+                "input": config.input.model_copy(update={"image_size": size, "batch_size": batch})
+            }
+        )
+        train = prepared.subset("train")
+        if config.train.steps_per_epoch:
+            shuffled = train.sample(frac=1.0, random_state=config.data.seed)
+            train = shuffled.head(config.train.steps_per_epoch * batch).reset_index(drop=True)
+        self.train_frame = train
+        self.root = prepared.dataset.root
+        self.classes = prepared.dataset.class_names
+        self.val = make_inputs(self.config, self.root, prepared.subset("val"), self.classes,
+                               training=False)  # fmt: skip
+        self.steps_per_epoch = batches_per_epoch(len(train), batch)
+
+    def train(self, epoch: int, step: int = 0):  # noqa: ANN201 - tf.data.Dataset or PyDataset
+        """Training batches from batch ``step`` of epoch ``epoch`` on."""
+        return make_inputs(self.config, self.root, self.train_frame, self.classes, training=True,
+                           initial_epoch=epoch, initial_step=step)  # fmt: skip
 
 
 def stage_fingerprint(
@@ -192,7 +208,7 @@ def stage_fingerprint(
 
 def _finish(
     out: str, stage: StageConfig, state: dict, train_images: int, image_size: int,
-    fingerprint: str | None = None,
+    fingerprint: str | None = None, reliability: dict | None = None,
 ) -> dict:  # fmt: skip
     history = pd.DataFrame(state["history"])
     history.insert(0, "epoch", range(1, len(history) + 1))
@@ -215,6 +231,7 @@ def _finish(
         else None,
         "best_model": storage.join(out, BEST_MODEL),
         "fingerprint": fingerprint,
+        **(reliability or {}),
     }
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -261,6 +278,7 @@ def run_stage(
         resumed = read_checkpoint(out, Path(tmp))
         if resumed is not None:
             model, state = resumed
+            discard_newer(out, (int(state["epoch"]), int(state.get("step", 0))))
         else:
             state = {"stage": stage.name, "epoch": 0}
             if init is None:
@@ -273,35 +291,85 @@ def run_stage(
                      stage.name, counts["blocks_unfrozen"], counts["blocks_total"],
                      f"{counts['trainable_params']:,}")  # fmt: skip
             _compile(model, stage, config)
-    initial_epoch = int(state.get("epoch", 0))
+    initial_epoch, initial_step = int(state.get("epoch", 0)), int(state.get("step", 0))
     state["seed"] = config.data.seed
-    stopped = state.get("callbacks", {}).get("EarlyStopping", {}).get("stopped_epoch", 0)
-    train, val, train_images = _stage_inputs(config, stage, prepared, initial_epoch)
-    if initial_epoch < stage.epochs and not stopped:
+    inputs = _StageInputs(config, stage, prepared)
+    ledger = AttemptLedger(out, owner)
+    policy = _checkpoint_policy(config, ledger)
+    if initial_epoch < stage.epochs and not _stopped_early(state):
         tracked = stage_callbacks(stage)
         checkpoint = StageCheckpoint(
-            out, stage, state, tracked, config.train.keep_checkpoints, owner
+            out,
+            stage,
+            state,
+            tracked,
+            config.train.keep_checkpoints,
+            owner,
+            policy,
+            ledger,
+            inputs.steps_per_epoch,
         )
-        with SigtermGuard(stage, out) as guard:
+        guard = SigtermGuard(stage, out, checkpoint, config.checkpoint.grace_seconds)
+        callbacks = [EpochSeed(config.data.seed), *tracked, checkpoint, guard]
+        ledger.training((initial_epoch, initial_step))
+        with guard:
             try:
-                model.fit(
-                    train,
-                    validation_data=val,
-                    epochs=stage.epochs,
-                    initial_epoch=initial_epoch,
-                    steps_per_epoch=batches_per_epoch(train_images, batch),
-                    callbacks=[EpochSeed(config.data.seed), *tracked, checkpoint, guard],
-                    shuffle=False,  # the input pipelines shuffle, seeded by epoch
-                    verbose=1 if sys.stdout.isatty() else 2,
-                )
+                _train(model, inputs, callbacks, stage, state, initial_epoch, initial_step)
+            except StagePreempted:
+                ledger.ended("preempted", checkpointed=checkpoint.saved == checkpoint.position)
+                raise
+            except StageConflictError:
+                raise  # the stage folder is another process's now: write nothing there
             except Exception as exc:
+                with contextlib.suppress(CarClassifierError, OSError):
+                    ledger.ended("error")
                 if not _is_out_of_memory(exc):
                     raise
                 raise _out_of_memory(stage, out, batch, size, state) from exc
-    metrics = _finish(out, stage, state, train_images, size, fingerprint)
+    ledger.ended("finished")
+    reliability = ledger.summary() | policy.describe()
+    log.info("%s: %d attempt(s), %d preemption(s), %.1f min lost to them, %.1f min checkpointing "
+             "(%d checkpoints)", stage.name, reliability["attempts"], reliability["preemptions"],
+             reliability["minutes_lost_to_preemption"], reliability["minutes_checkpointing"],
+             reliability["checkpoints_written"])  # fmt: skip
+    train_images = len(inputs.train_frame)
+    metrics = _finish(out, stage, state, train_images, size, fingerprint, reliability)
     log.info("%s done: best val_accuracy %.4f at epoch %s (%.1f min) -> %s", stage.name,
              metrics["best_val_accuracy"], metrics["best_epoch"], metrics["minutes"], metrics["best_model"])  # fmt: skip
     return StageResult(stage.name, out, metrics["best_model"], metrics)
+
+
+def _checkpoint_policy(config: RunConfig, ledger: AttemptLedger) -> CheckpointPolicy:
+    """The stage's checkpoint policy: MTBF configured or learned from the attempt history,
+    checkpoint costs measured by earlier attempts."""
+    if config.checkpoint.mtbf_minutes is not None:
+        mtbf, source = config.checkpoint.mtbf_minutes * 60, "configured"
+    else:
+        mtbf, source = learned_mtbf(ledger.earlier, DEFAULT_MTBF_MINUTES * 60)
+    return CheckpointPolicy(config.checkpoint, mtbf, source, ledger.checkpoint_costs())
+
+
+def _stopped_early(state: dict) -> bool:
+    return bool(state.get("callbacks", {}).get("EarlyStopping", {}).get("stopped_epoch", 0))
+
+
+def _train(
+    model: keras.Model, inputs: _StageInputs, callbacks: list, stage: StageConfig, state: dict,
+    epoch: int, step: int,
+) -> None:  # fmt: skip
+    """``model.fit`` from (epoch, step) to the stage's end: the rest of a partly trained epoch
+    first (its own call: Keras' epochs have one length), then the whole epochs after it."""
+    steps = inputs.steps_per_epoch
+    fit = {"validation_data": inputs.val, "callbacks": callbacks,
+           "shuffle": False,  # the input pipelines shuffle, seeded by epoch
+           "verbose": 1 if sys.stdout.isatty() else 2}  # fmt: skip
+    if step:
+        model.fit(inputs.train(epoch, step), epochs=epoch + 1, initial_epoch=epoch,
+                  steps_per_epoch=steps - step, **fit)  # fmt: skip
+        epoch += 1
+    if epoch < stage.epochs and not _stopped_early(state):
+        model.fit(inputs.train(epoch), epochs=stage.epochs, initial_epoch=epoch,
+                  steps_per_epoch=steps, **fit)  # fmt: skip
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -264,8 +264,15 @@ def train_stage_step(
         "best_epoch": m.get("best_epoch"),
         "minutes": m.get("minutes"),
         "image_size": m.get("image_size"),
+        "attempts": m.get("attempts"),
+        "preemptions": m.get("preemptions"),
+        "minutes_lost_to_preemption": m.get("minutes_lost_to_preemption"),
+        "minutes_checkpointing": m.get("minutes_checkpointing"),
+        "checkpoint_interval_minutes": m.get("checkpoint_interval_minutes"),
+        "checkpoint_seconds": m.get("checkpoint_seconds"),
+        "mtbf_minutes": m.get("mtbf_minutes"),
         "gpus": int(gpu_count) if gpu_count.isdigit() else None,
-        "gpu_hours": round(float(m.get("minutes") or 0) / 60 * int(gpu_count), 4)
+        "gpu_hours": round(_gpu_minutes(m) / 60 * int(gpu_count), 4)
         if gpu_count.isdigit()
         else None,
     }
@@ -283,6 +290,13 @@ def train_stage_step(
         },
         "summary": m,
     }
+
+
+def _gpu_minutes(metrics: dict[str, Any]) -> float:
+    """A stage's minutes on its task's GPUs across attempts: training, redone after a
+    preemption, checkpointing (as `carclassifier.run_summary` counts them)."""
+    keys = ("minutes", "minutes_lost_to_preemption", "minutes_checkpointing")
+    return sum(float(metrics.get(k) or 0) for k in keys)
 
 
 def _confusion(path: Path) -> list[list[int]]:

@@ -9,13 +9,16 @@ import logging
 import math
 import signal
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import keras
 import numpy as np
 
 from carclassifier import storage
-from carclassifier.checkpoints import LATEST
+from carclassifier.checkpoint_policy import fits_in_grace
+from carclassifier.checkpoints import LATEST, StageCheckpoint, seed_generators
 from carclassifier.config import StageConfig
 from carclassifier.errors import PREEMPTED_EXIT_CODE, StagePreempted
 
@@ -69,8 +72,7 @@ class EpochSeed(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         base = epoch_seed(self.seed, epoch)
         keras.utils.set_random_seed(base)
-        generators = [g for layer in self.model._flatten_layers() for g in layer._seed_generators]
-        for i, generator in enumerate(generators):
+        for i, generator in enumerate(seed_generators(self.model)):
             state = generator.state
             value = np.array([(base + 7919 * (i + 1)) % (2**31 - 1), 0])
             state.assign(value.astype(keras.backend.standardize_dtype(state.dtype)))
@@ -85,19 +87,30 @@ def epoch_seed(seed: int, epoch: int) -> int:
 class SigtermGuard(keras.callbacks.Callback):
     """While training, SIGTERM sets a flag; the callback then stops after the current train or
     validation step (or after the epoch-end checkpoint being written) by raising
-    `StagePreempted`. Comes after `StageCheckpoint`. Installs its handler only in the main
-    thread (elsewhere SIGTERM keeps its default action)."""
+    `StagePreempted`. Stopped after a train step, it first has ``checkpoint`` write a mid-epoch
+    checkpoint of that step when the longest checkpoint measured so far fits in what is left
+    of ``grace_s`` (the time Kubernetes waits before SIGKILL); else it exits at once and says
+    why. Comes after `StageCheckpoint`. Installs its handler only in the main thread (elsewhere
+    SIGTERM keeps its default action). ``clock`` is injectable for tests."""
 
-    def __init__(self, stage: StageConfig, out: str) -> None:
+    def __init__(
+        self, stage: StageConfig, out: str, checkpoint: StageCheckpoint | None = None,
+        grace_s: float = 30.0, clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.stage = stage
         self.out = out
+        self.checkpoint = checkpoint
+        self.grace_s = grace_s
+        self.clock = clock
         self.received = False
+        self.signalled_at = 0.0
         self._epoch = 0
         self._previous: Any = None
 
     def _handler(self, signum: int, frame: Any) -> None:
         log.warning("%s: SIGTERM received: stopping after the current step", self.stage.name)
+        self.signalled_at = self.clock()
         self.received = True
 
     def __enter__(self) -> SigtermGuard:
@@ -109,14 +122,44 @@ class SigtermGuard(keras.callbacks.Callback):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
-    def _stop(self, where: str) -> None:
-        latest = storage.join(self.out, LATEST)
-        message = (
-            f"{self.stage.name}: stopped by SIGTERM {where}; the last complete epoch's checkpoint "
-            f"({latest}) is kept and a restart with the same arguments resumes from it"
+    def _kept(self) -> str:
+        return (
+            f"the last checkpoint ({storage.join(self.out, LATEST)} names it) is kept and a "
+            "restart with the same arguments resumes from it"
         )
+
+    def _stop(self, where: str, kept: str | None = None) -> None:
+        message = f"{self.stage.name}: stopped by SIGTERM {where}; {kept or self._kept()}"
         log.warning("%s (exit status %d)", message, PREEMPTED_EXIT_CODE)
         raise StagePreempted(message)
+
+    def mid_epoch_checkpoint(self) -> tuple[str, str | None]:
+        """Write a checkpoint of the current step if it fits in the grace period left.
+        Returns what happened and, when a checkpoint of this step is stored, what is kept."""
+        resumes = "a restart with the same arguments resumes from it"
+        checkpoint = self.checkpoint
+        if checkpoint is None:
+            return "epoch abandoned", None
+        if checkpoint.saved == checkpoint.position:
+            return "the checkpoint of this step is stored", resumes
+        if not checkpoint.can_save_mid_epoch():
+            return "epoch abandoned (only its end can be checkpointed)", None
+        cost = checkpoint.policy.worst_cost_s if checkpoint.policy is not None else None
+        since = self.clock() - self.signalled_at
+        if not fits_in_grace(cost, self.grace_s, since):
+            why = (
+                "no checkpoint has been measured yet in this stage"
+                if cost is None
+                else f"a checkpoint takes up to {cost:.1f}s"
+            )
+            left = max(0.0, self.grace_s - since)
+            return (
+                f"no checkpoint written: {why} and {left:.1f}s of the {self.grace_s:g}s grace "
+                "period are left",
+                None,
+            )
+        uri = checkpoint.save_mid_epoch()
+        return f"checkpoint of this step written in the grace period ({uri})", resumes
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch = epoch
@@ -125,7 +168,9 @@ class SigtermGuard(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if self.received:
-            self._stop(f"in epoch {self._epoch + 1} after batch {batch + 1}: epoch abandoned")
+            step = self.checkpoint.position[1] if self.checkpoint is not None else batch + 1
+            done, kept = self.mid_epoch_checkpoint()
+            self._stop(f"in epoch {self._epoch + 1} after batch {step}: {done}", kept)
 
     def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if self.received:
