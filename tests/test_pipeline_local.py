@@ -121,6 +121,28 @@ def test_the_gate_leaves_a_pointer_that_already_names_the_export(tmp_path):
     assert "already the champion" in (tmp_path / "decision.md").read_text()
 
 
+def test_a_stage_task_refuses_to_start_when_the_gpu_budget_is_spent(tmp_path):
+    """train_stage_step checks the run's GPU hours (carclassifier.budget) before training."""
+    from carclassifier.artifacts import run_dir
+    from carclassifier.budget import BudgetSpentError
+
+    artifact = tmp_path / "dataset"
+    recipe = _recipe("train.gpu_hours_budget=0.01")
+    manifest = steps.prepare_step(recipe, [], str(tiny_dataset(tmp_path / "cars")), str(artifact))
+    root = str(tmp_path / "ckpt")
+    folder = run_dir(root, manifest["run_key"], load_config(None, ["name=steps-test"]))
+    storage.write_text(
+        storage.join(folder, "stages", "stage_1", "attempts.json"),
+        json.dumps([{"started": 0.0, "reached_at": 60.0, "end": "finished"}]),
+    )
+    with pytest.raises(BudgetSpentError, match="stage_2 not started"):
+        steps.train_stage_step(
+            str(artifact), "stage_2", root, manifest["run_key"], None,
+            str(tmp_path / "m.keras"), str(tmp_path / "c.html"), "", "1",
+        )  # fmt: skip
+    assert json.loads(storage.read_text(storage.join(folder, "budget.json")))["stage"] == "stage_2"
+
+
 def test_prepare_refuses_a_changed_stage_list_and_an_unknown_source(tmp_path):
     with pytest.raises(ConfigError, match="compiled for"):
         steps.prepare_step(_recipe(), [], "", str(tmp_path / "x"), stage_names=["stage_1"])

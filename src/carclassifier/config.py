@@ -342,6 +342,13 @@ def _default_stages() -> list[StageConfig]:
 class TrainConfig(_Section):
     """How stages run."""
 
+    gpu_hours_budget: float | None = Field(
+        500.0,
+        gt=0,
+        description="GPU hours a run may use (all stages, retries included); a stage does not "
+        "start once they are spent. null: no limit. The B6 recipe needs ~7 h on a T4.",
+    )
+
     mixed_precision: Literal["auto", "on", "off"] = Field(
         "auto", description="auto: mixed_float16 when a GPU is visible, float32 on CPU."
     )

@@ -123,6 +123,9 @@ def collect(
     summary.gpu_hours = round(minutes / 60 * gpus_per_task, 3)
     if status != "SUCCEEDED" and _is_group(failed_task):
         summary.failed_task = _first_unfinished(summary, dataset.get("stages") or [])
+    refused = _json(storage.join(run_dir, "budget.json"))
+    if refused is not None and status != "SUCCEEDED":
+        summary.failed_task, summary.error = refused["stage"], refused["message"]
     return summary
 
 

@@ -42,6 +42,7 @@ from carclassifier.artifacts import (
     run_dir,
     with_data_root,
 )
+from carclassifier.budget import check_budget
 from carclassifier.config import RunConfig, load_config, resolve_config
 from carclassifier.errors import DatasetError
 from carclassifier.prepare import PreparedData, find_test_images
@@ -250,7 +251,11 @@ def train_stage_step(
 
     config, prepared, _ = load_dataset_artifact(dataset_dir)
     stage = config.stage(stage_name)
-    out = stage_dir(run_dir(checkpoint_root, run_key, config), stage_name)
+    folder = run_dir(checkpoint_root, run_key, config)
+    out = stage_dir(folder, stage_name)
+    if not storage.exists(storage.join(out, "metrics.json")):  # a finished stage costs nothing
+        gpus = int(gpu_count) if gpu_count.isdigit() else 1
+        check_budget(folder, stage_name, gpus, config.train.gpu_hours_budget)
     result = run_stage(config, stage_name, prepared, out, init_model)
     storage.get_file(result.best_model, model_out)
     m = result.metrics
