@@ -44,6 +44,21 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _robustness_line(metrics: dict[str, Any] | None) -> str:
+    """The robustness report in one line of summary.md (empty when it is disabled)."""
+    if not metrics:
+        return ""
+    shifted = {
+        k: v for k, v in metrics.items() if k.endswith("_accuracy") and k != "robust_clean_accuracy"
+    }
+    worst = min(shifted, key=shifted.__getitem__)
+    return (
+        f"\nrobustness ({metrics['robust_photos']} photos, evaluation/robustness.html): clean "
+        f"{metrics['robust_clean_accuracy']:.4f}, worst {worst} {shifted[worst]:.4f}; "
+        f"ECE {metrics['ece']:.4f} (TTA {metrics['ece_tta']:.4f})\n"
+    )
+
+
 def run_local(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Run the recipe end to end under ``config.output_dir``; returns the summary."""
     from carclassifier.eda import write_eda_report
@@ -105,6 +120,7 @@ def run_local(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         "val_accuracy": evaluation["accuracy"],
         "val_accuracy_tta": evaluation["tta"]["accuracy"],
         "tta_gain": evaluation["tta_gain"],
+        "robustness": evaluation.get("robustness", {}).get("metrics"),
         "export": str(export_dir),
         "submission": str(submission) if submission else None,
         "eda": str(eda),
@@ -115,7 +131,7 @@ def run_local(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     (out / "summary.md").write_text(
         f"{table}\n\nvalidation accuracy {summary['val_accuracy']:.4f}, with TTA "
         f"{summary['val_accuracy_tta']:.4f} (gain {summary['tta_gain']:+.4f}); "
-        f"total {summary['minutes']:.1f} min\n",
+        f"total {summary['minutes']:.1f} min\n" + _robustness_line(summary["robustness"]),
         encoding="utf-8",
     )
     return summary

@@ -468,7 +468,8 @@ def _confusion(path: Path) -> list[list[int]]:
 @_step
 def evaluate(dataset_dir: str, model_path: str, out_dir: str, report_html: str) -> dict[str, Any]:
     """Evaluate the model on the validation split, plain and with TTA, into ``out_dir``
-    (`carclassifier.evaluate.evaluate_model`'s files) and ``report_html``. Returns ``metrics``,
+    (`carclassifier.evaluate.evaluate_model`'s files, the robustness report included) and
+    ``report_html``. Returns ``metrics`` (the robustness metrics among them),
     ``class_names``, ``confusion`` and ``confusion_tta`` (rows true, columns predicted)."""
     from carclassifier.evaluate import evaluate_model
     from carclassifier.stages import load_model
@@ -494,12 +495,19 @@ def evaluate(dataset_dir: str, model_path: str, out_dir: str, report_html: str) 
         "tta_views": result["tta"]["views"],
         "images": result["num_images"],
     }
+    robustness = ""
+    if "robustness" in result:
+        from carclassifier.robustness import robustness_html
+
+        metrics.update(result["robustness"]["metrics"])
+        robustness = robustness_html(result["robustness"], out)
     Path(report_html).parent.mkdir(parents=True, exist_ok=True)
     Path(report_html).write_text(
         html_page(
             "Evaluation on the validation split",
-            _table([metrics]) + _img(out / "confusion_matrix.png", "confusion matrices")
-            + "<h2>Per class (plain)</h2>" + _table(per_class),
+            _table([{k: v for k, v in metrics.items() if not k.startswith("robust_")}])
+            + _img(out / "confusion_matrix.png", "confusion matrices")
+            + "<h2>Per class (plain)</h2>" + _table(per_class) + robustness,
         ),
         encoding="utf-8",
     )  # fmt: skip
