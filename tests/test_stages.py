@@ -206,8 +206,13 @@ def test_all_stages_end_to_end_on_tiny_images(make_folder_dataset, tmp_path):
     assert summary["tta_gain"] == pytest.approx(
         evaluation["tta"]["accuracy"] - evaluation["accuracy"]
     )
-    assert (out / "export" / "saved_model" / "1" / "saved_model.pb").is_file() and (out / "export" / "labels.json").is_file()
+    assert (out / "export" / "saved_model" / "1" / "saved_model.pb").is_file() and (
+        out / "export" / "labels.json"
+    ).is_file()
     submission = (out / "submission.csv").read_text().splitlines()
     assert submission[0] == "Id,Category" and len(submission) == 3
     assert "| stage_2 |" in (out / "summary.md").read_text()
+    assert "robustness (" in (out / "summary.md").read_text()
+    assert summary["robustness"] == evaluation["robustness"]["metrics"]
+    assert (out / "evaluation" / "robustness.html").is_file()
     assert Path(summary["eda"]).is_file()
