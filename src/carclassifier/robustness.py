@@ -14,7 +14,7 @@ breaks and whether TTA helps there. The calibration (reliability diagram, expect
 error) is computed on the whole evaluation's plain and TTA probabilities.
 
 Files written into ``out_dir``: ``robustness.csv`` (shift, strength, accuracy, accuracy_tta,
-tta_gain), ``robustness_<shift>.png`` (accuracy against strength, and one photo at each
+tta_gain, drop), ``robustness_<shift>.png`` (accuracy against strength, and one photo at each
 strength), ``reliability.png``, ``calibration.csv`` and ``robustness.html`` (a page of it all).
 """
 
