@@ -28,6 +28,7 @@ SETTINGS = settings(
 SECTIONS = {
     "data": ["root", "test_dir", "val_fraction", "seed", "min_images_per_class"],
     "augment": ["train", "tta", "tta_views"],
+    "evaluate": ["robustness"],
     "input": ["pipeline", "image_size", "batch_size", "workers"],
     "model": ["backbone", "weights", "head"],
     "train": ["mixed_precision", "jit_compile", "steps_per_epoch", "keep_checkpoints"],

@@ -325,6 +325,9 @@ def test_eda_and_evaluation_outputs(pipeline_run):
         assert (evaluation / "evaluation" / name).is_file()
     metrics = _artifact_metadata(evaluation, "metrics")
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["tta_views"] == 2
+    assert {"ece", "robust_zoom_out_100_accuracy", "robust_hflip_accuracy_tta"} <= set(metrics)
+    assert "Robustness under shifts" in (evaluation / "report").read_text()
+    assert (evaluation / "evaluation" / "robustness.html").is_file()
     matrix = _artifact_metadata(evaluation, "confusion")["confusionMatrix"]
     assert [c["displayName"] for c in matrix["annotationSpecs"]] == ["audi", "bmw"]
     assert sum(map(sum, (row["row"] for row in matrix["rows"]))) == 2  # one val image per class

@@ -220,4 +220,7 @@ def test_all_stages_end_to_end_on_tiny_images(make_folder_dataset, tmp_path):
     assert (first["attempts"], first["preemptions"], first["checkpoints_written"]) == (1, 0, 2)
     assert first["minutes_lost_to_preemption"] == 0 and first["checkpoint_seconds"] > 0
     assert first["checkpoint_every"] == "epoch" and first["checkpoint_interval_minutes"] is None
+    assert "robustness (" in (out / "summary.md").read_text()
+    assert summary["robustness"] == evaluation["robustness"]["metrics"]
+    assert (out / "evaluation" / "robustness.html").is_file()
     assert Path(summary["eda"]).is_file()

@@ -121,12 +121,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     config = _config(args)
     prepared = _prepared(args, config)
+    out = Path(config.output_dir) / "evaluation"
     result = evaluate_classifier(
         load_model(args.model), prepared.dataset.root, prepared.subset("val"),
-        prepared.dataset.class_names, config, Path(config.output_dir) / "evaluation",
+        prepared.dataset.class_names, config, out,
     )  # fmt: skip
     print(f"val accuracy {result['accuracy']:.4f}, with TTA {result['tta']['accuracy']:.4f} "
           f"(gain {result['tta_gain']:+.4f})")  # fmt: skip
+    if "robustness" in result:
+        print(f"robustness report: {out / result['robustness']['html']} "
+              f"(ECE {result['robustness']['ece']:.4f})")  # fmt: skip
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -167,6 +167,8 @@ def _default_train_transforms() -> list[TransformSpec]:
 
 
 def _default_tta_transforms() -> list[TransformSpec]:
+    """Chosen from the robustness report (docs/robustness.md): with 5 views never worse than
+    plain on clean photos, and the largest mean gain under shifts of the candidates measured."""
     return [
         {"HorizontalFlip": {"p": 0.5}},
         {"Affine": {"translate_percent": [-0.04, 0.04], "scale": [0.95, 1.05], "p": 0.7}},
@@ -192,6 +194,67 @@ class AugmentConfig(_Section):
                     "each transform is one mapping {Name: {params}}, e.g. {HorizontalFlip: {p: 0.5}}"
                 )
         return value
+
+
+ShiftName = Literal[
+    "zoom_out", "off_centre", "occlusion", "jpeg", "blur", "brightness", "colour", "rotation",
+    "hflip",
+]  # fmt: skip
+"""The controlled shifts of the robustness report (see `carclassifier.robustness`)."""
+SHIFT_NAMES: tuple[str, ...] = get_args(ShiftName)
+
+
+class RobustnessConfig(_Section):
+    """The robustness report: validation accuracy (plain and TTA) under controlled, seeded
+    shifts of the photos, each at a few strengths, and the calibration of the predictions."""
+
+    enabled: bool = Field(True, description="Write the report with every evaluation.")
+    shifts: list[ShiftName] = Field(
+        default_factory=lambda: list(SHIFT_NAMES), description="Shifts to apply (default: all)."
+    )
+    strengths: list[float] = Field(
+        default_factory=lambda: [0.5, 1.0],
+        description="Strengths in (0, 1] (1 = the strongest shift; hflip has none).",
+    )
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the photo sample and shifts.")
+    max_photos: int = Field(
+        48,
+        ge=1,
+        le=100_000,
+        description="Validation photos shifted (a seeded sample); each costs one forward pass "
+        "per shift, strength and TTA view.",
+    )
+
+    @field_validator("shifts")
+    @classmethod
+    def _unique_shifts(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError(
+                f"name at least one shift of {list(SHIFT_NAMES)}, or set enabled: false"
+            )
+        if len(set(value)) != len(value):
+            raise ValueError(f"shifts are repeated in {value}; name each once")
+        return value
+
+    @field_validator("strengths")
+    @classmethod
+    def _strengths_in_range(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("give at least one strength, e.g. [0.5, 1.0]")
+        bad = [s for s in value if not 0.0 < s <= 1.0]
+        if bad:
+            raise ValueError(f"strengths must be in (0, 1] (1 = strongest), got {bad}")
+        if len({round(s * 100) for s in value}) != len(value):
+            raise ValueError(
+                f"strengths {value} repeat at percent precision (metric names use percent)"
+            )
+        return sorted(value)
+
+
+class EvaluateConfig(_Section):
+    """What an evaluation reports besides accuracy, loss and the confusion matrix."""
+
+    robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
 
 
 class InputConfig(_Section):
@@ -474,6 +537,7 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     stages: list[StageConfig] = Field(default_factory=_default_stages, min_length=1, max_length=100)
 
     _output_dir = field_validator("output_dir")(_location_or_none("output_dir"))

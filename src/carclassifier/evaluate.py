@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from carclassifier.augment import TtaSettings
 from carclassifier.config import RunConfig
 from carclassifier.errors import DatasetError, StorageError
-from carclassifier.inference import check_class_names, model_image_size, predict_views
+from carclassifier.inference import check_class_names, forward, model_image_size, predict_views
 from carclassifier.storage import is_gcs_uri
 
 log = logging.getLogger(__name__)
@@ -173,6 +173,10 @@ def evaluate_classifier(
     - ``confusion_matrix.png``: plain and TTA heatmaps side by side;
     - ``predictions_val.csv``: path, label, true_class, predicted, predicted_class, prob,
       predicted_tta, predicted_tta_class, prob_tta (prob = probability of the top class).
+    - with ``config.evaluate.robustness.enabled``, the robustness report
+      (`carclassifier.robustness`: accuracy under shifts with and without TTA, calibration;
+      ``robustness.html`` and its CSVs and PNGs), summarized in ``evaluation.json`` as
+      ``robustness`` (its ``metrics`` are flat, for the UI).
 
     Returns the content of ``evaluation.json``. An unreadable image raises `DatasetError`.
     """
@@ -219,6 +223,14 @@ def evaluate_classifier(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if config.evaluate.robustness.enabled:
+        from carclassifier.robustness import robustness_report
+
+        result["robustness"] = robustness_report(
+            lambda batch: forward(model, batch, config.input.batch_size), paths, labels, plain,
+            averaged, (height, width), config.evaluate.robustness, tta.transform(height), views,
+            config.input.batch_size, out,
+        )  # fmt: skip
     (out / "evaluation.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     _confusion_frame(base["confusion"], class_names).to_csv(out / "confusion_matrix.csv")
     _confusion_frame(boosted["confusion"], class_names).to_csv(out / "confusion_matrix_tta.csv")

@@ -68,7 +68,7 @@ def _decode(path: str, size: tuple[int, int]) -> np.ndarray | str:
         return f"{type(exc).__name__}: {exc}"
 
 
-def _forward(model: Any, images: list[np.ndarray], batch_size: int) -> np.ndarray:
+def forward(model: Any, images: list[np.ndarray], batch_size: int) -> np.ndarray:
     """Probabilities of ``images``, at most ``batch_size`` of them per model call (a TTA batch
     holds ``views`` times as many images as the model should see at once)."""
     parts = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
@@ -137,7 +137,7 @@ def predict_views(
                     images.append(result)
             if images:
                 first, mean = tta_predict(
-                    lambda batch: _forward(model, batch, batch_size), images, tta, views
+                    lambda batch: forward(model, batch, batch_size), images, tta, views
                 )
                 plain[rows] = first
                 averaged[rows] = mean

@@ -17,6 +17,21 @@ from carclassifier.reports import summary_table
 log = logging.getLogger(__name__)
 
 
+def _robustness_line(metrics: dict[str, Any] | None) -> str:
+    """The robustness report in one line of summary.md (empty when it is disabled)."""
+    if not metrics:
+        return ""
+    shifted = {
+        k: v for k, v in metrics.items() if k.endswith("_accuracy") and k != "robust_clean_accuracy"
+    }
+    worst = min(shifted, key=shifted.__getitem__)
+    return (
+        f"\nrobustness ({metrics['robust_photos']} photos, evaluation/robustness.html): clean "
+        f"{metrics['robust_clean_accuracy']:.4f}, worst {worst} {shifted[worst]:.4f}; "
+        f"ECE {metrics['ece']:.4f} (TTA {metrics['ece_tta']:.4f})\n"
+    )
+
+
 def run_local(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Run the recipe end to end under ``config.output_dir``; returns the summary."""
     from carclassifier.augment import TtaSettings
@@ -75,6 +90,7 @@ def run_local(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         "val_accuracy": evaluation["accuracy"],
         "val_accuracy_tta": evaluation["tta"]["accuracy"],
         "tta_gain": evaluation["tta_gain"],
+        "robustness": evaluation.get("robustness", {}).get("metrics"),
         "export": str(export_dir),
         "submission": str(submission) if submission else None,
         "eda": str(eda),
@@ -89,7 +105,7 @@ def run_local(config: RunConfig, progress: bool = True) -> dict[str, Any]:
         f"{summary['val_accuracy_tta']:.4f} (gain {summary['tta_gain']:+.4f}); "
         f"total {summary['minutes']:.1f} min\n\ndata version `{prepared.data_version}`; "
         f"{summary['leaked_images']} training photo(s) left out as near-duplicates of "
-        "validation/test photos (leaks.csv)\n",
+        "validation/test photos (leaks.csv)\n" + _robustness_line(summary["robustness"]),
         encoding="utf-8",
     )
     return summary

@@ -110,14 +110,19 @@ def stage_page(title: str, metrics: dict[str, Any], out: str, stage: str) -> str
 
 
 def evaluation_page(
-    metrics: dict[str, Any], per_class: list[dict[str, Any]], confusion_png: Path
+    metrics: dict[str, Any],
+    per_class: list[dict[str, Any]],
+    confusion_png: Path,
+    robustness_html: str = "",
 ) -> str:
-    """The evaluation's page: the headline metrics, the confusion matrices and the plain
-    per-class table."""
+    """The evaluation's page: the headline metrics (the ``robust_*`` ones are in the
+    robustness section), the confusion matrices, the plain per-class table, then the
+    robustness report's section (`carclassifier.robustness.robustness_html`)."""
+    headline = {k: v for k, v in metrics.items() if not k.startswith("robust_")}
     return html_page(
         "Evaluation on the validation split",
-        _table([metrics]) + _img(confusion_png, "confusion matrices")
-        + "<h2>Per class (plain)</h2>" + _table(per_class),
+        _table([headline]) + _img(confusion_png, "confusion matrices")
+        + "<h2>Per class (plain)</h2>" + _table(per_class) + robustness_html,
     )  # fmt: skip
 
 

@@ -318,9 +318,10 @@ def evaluate_step(
     run_key: str = "",
 ) -> dict[str, Any]:
     """Evaluate the model on the validation split, plain and with TTA, into ``out_dir``
-    (`carclassifier.evaluate.evaluate_classifier`'s files) and ``report_html``. Returns ``metrics``,
-    ``class_names``, ``confusion`` and ``confusion_tta`` (rows true, columns predicted); with
-    ``checkpoint_root`` and ``run_key`` the metrics also go to ``<run dir>/evaluation/``."""
+    (`carclassifier.evaluate.evaluate_classifier`'s files, the robustness report included) and
+    ``report_html``. Returns ``metrics`` (the robustness metrics among them), ``class_names``,
+    ``confusion`` and ``confusion_tta`` (rows true, columns predicted); with ``checkpoint_root``
+    and ``run_key`` the metrics also go to ``<run dir>/evaluation/``."""
     from carclassifier.evaluate import evaluate_classifier
     from carclassifier.model import load_model
 
@@ -345,9 +346,16 @@ def evaluate_step(
         "tta_views": result["tta"]["views"],
         "images": result["num_images"],
     }
+    robustness = ""
+    if "robustness" in result:
+        from carclassifier.robustness import robustness_html
+
+        metrics.update(result["robustness"]["metrics"])
+        robustness = robustness_html(result["robustness"], out)
     Path(report_html).parent.mkdir(parents=True, exist_ok=True)
     Path(report_html).write_text(
-        reports.evaluation_page(metrics, per_class, out / "confusion_matrix.png"), encoding="utf-8"
+        reports.evaluation_page(metrics, per_class, out / "confusion_matrix.png", robustness),
+        encoding="utf-8",
     )
     if checkpoint_root and run_key:
         folder = run_dir(checkpoint_root, run_key, config)
