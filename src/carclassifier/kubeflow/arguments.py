@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from carclassifier.config import RunConfig, StageConfig, check_location
+from carclassifier.config import RunConfig, StageConfig, check_location, resolve_config
 from carclassifier.errors import ConfigError
 
 MAX_GPUS = 16
@@ -58,7 +58,7 @@ def check_gpu_count(value: object) -> str:
 
 def stage_work(config: RunConfig, stage: StageConfig) -> float:
     """A stage's work in epochs at `REFERENCE_IMAGE_SIZE` px: ``epochs x (size/224)²``."""
-    size = stage.image_size or config.input.image_size
+    size = config.stage_image_size(stage)
     return stage.epochs * (size / REFERENCE_IMAGE_SIZE) ** 2
 
 
@@ -89,13 +89,11 @@ def check_arguments(
     parameter (absent ones keep their defaults).
 
     The overrides, ``backbone`` and ``image_size`` are applied to the compiled ``recipe`` (YAML
-    text) exactly as the prepare task will (`carclassifier.steps.resolve_config`: a typo fails
+    text) exactly as the prepare task will (`carclassifier.config.resolve_config`: a typo fails
     here, not in a pod; the stage list must stay ``stage_names``), and no stage may get more
     work than its task timeout was compiled for. ``on_cluster``: storage locations must be
     gs:// (a kfp.local run may use local folders; a data source may be a folder in the image).
     """
-    from carclassifier.steps import resolve_config
-
     args = dict(arguments)
     _uri(args, "data_source", True, False)
     _uri(args, "checkpoint_root", False, on_cluster)
@@ -118,7 +116,7 @@ def check_arguments(
         if stage_work(config, stage) > stage_work(compiled, before) + 1e-9:
             raise ConfigError(
                 f"{stage.name}: the overrides make it {stage.epochs} epochs at "
-                f"{stage.image_size or config.input.image_size} px, more work than its task "
+                f"{config.stage_image_size(stage)} px, more work than its task "
                 "timeout was compiled for; compile the pipeline from the changed recipe"
             )
     return args

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from carclassifier.config import yaml_problem
+from carclassifier.config import resolve_config, yaml_problem
 from carclassifier.kubeflow import kfp_versions
 from carclassifier.kubeflow.arguments import check_arguments
 from carclassifier.kubeflow.cluster import PLACEHOLDER_IMAGE
@@ -224,8 +224,6 @@ def cluster_defaults(
                 "--param data_source=gs://BUCKET/PREFIX"
             )
     if merged.get("data_source", "") == "":
-        from carclassifier.steps import resolve_config
-
         root = resolve_config(
             package.recipe, merged.get("overrides") or [], merged.get("backbone", "")
         ).data.root
