@@ -64,8 +64,8 @@ install-reference: install  ## add torch 2.13.0 CPU + efficientnet_lite_pytorch 
 test: install  ## run the whole test suite (CI runs this; ~5-10 min on 2 cores)
 	$(PY) -m pytest
 
-test-fast: install  ## the unit tests only: no model training, kfp.local, emulator, browser or subprocess kills (~2 min)
-	$(PY) -m pytest -m "not slow and not integration and not image"
+test-fast: install  ## the library's unit tests: no stage training, pipeline compiles, kfp.local, emulator, browser or subprocess kills (~2 min)
+	$(PY) -m pytest -m "not slow and not integration and not kfp and not image"
 
 lint: install  ## ruff: lint rules and formatting (ruff format to fix the latter)
 	$(VENV)/bin/ruff check $(LINT_PATHS)

@@ -1,6 +1,7 @@
 """Shared fixtures: small datasets made on the fly, the real demo photos when present, the GCS
-emulator and a fresh bucket on it; and the ``integration`` marker (`INTEGRATION_MODULES`,
-`INTEGRATION_FIXTURES`), so ``make test-fast`` leaves out what starts servers or processes."""
+emulator and a fresh bucket on it; and the ``integration``, ``kfp`` and ``slow`` markers set
+here (`INTEGRATION_MODULES`, `INTEGRATION_FIXTURES`, `KFP_MODULES`, `SLOW_TESTS`), so
+``make test-fast`` leaves out what starts servers or processes, compiles the pipeline or trains."""
 
 from __future__ import annotations
 
@@ -28,6 +29,24 @@ INTEGRATION_MODULES = frozenset(
 """Test modules that start processes or servers, or run the pipeline: marked ``integration``."""
 INTEGRATION_FIXTURES = frozenset({"gcs_emulator"})
 """A test using one of these (directly or through another fixture) is marked ``integration``."""
+KFP_MODULES = frozenset(
+    {
+        "test_kfp_backend_rules", "test_pipeline_ir", "test_secrets", "test_manifests_istio",
+        "test_submit", "test_cli_validation", "test_cluster_rules", "test_preflight",
+    }
+)  # fmt: skip
+"""Test modules that compile the kfp pipeline (seconds per compile): marked ``kfp``."""
+SLOW_TESTS = frozenset(
+    {
+        "test_stages.py::test_all_stages_end_to_end_on_tiny_images",
+        "test_stages.py::test_a_killed_stage_resumes_after_its_last_epoch",
+        "test_stages.py::test_checkpoint_round_trip_keeps_weights_and_optimizer_state",
+        "test_cli.py::test_run_local_end_to_end",
+        "test_bad_data.py::test_one_epoch_training_on_the_bad_dataset_ends_normally",
+        "test_oom.py::test_out_of_memory_names_the_batch_and_keeps_the_checkpoint",
+    }
+)
+"""Tests that train whole stages (10-50 s each on 2 cores, measured): marked ``slow``."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -36,6 +55,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if module in INTEGRATION_MODULES or INTEGRATION_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.integration)
+        if module in KFP_MODULES:
+            item.add_marker(pytest.mark.kfp)
+        if f"{module}.py::{item.originalname}" in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
 
 
 def write_image(
