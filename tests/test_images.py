@@ -412,8 +412,10 @@ def test_every_container_got_the_image_command_and_arguments_of_the_ir(
         assert "python3 -m kfp.dsl.executor_main" in container["command"][2]
         by_function[container["args"][-1]] = container
     started = pipeline_runs["started"]
-    assert len(started) == 8 + 1  # every task, then the gate alone (the rest from the cache)
-    assert [s["command"][-1] for s in started[-1:]] == ["champion_gate"]
+    # every task (the deploy: the first model is promoted), then the gate and the exit task
+    # alone (the rest from the cache; nothing promoted, nothing deployed)
+    assert len(started) == 10 + 2
+    assert [s["command"][-1] for s in started[-2:]] == ["champion_gate", "run_summary"]
     for container in started:
         ir = by_function[container["command"][-1]]
         assert container["image"] == ir["image"]
@@ -435,7 +437,7 @@ def test_every_task_ran_in_the_image_and_wrote_its_outputs(pipeline_runs: dict[s
     names = {p.name for p in first.iterdir() if p.is_dir()}
     assert names == {
         "prepare-data", "validate-and-eda", "train-stage", "train-stage-2", "evaluate-model",
-        "predict-submission", "export-model", "champion-gate",
+        "predict-submission", "export-model", "champion-gate", "deploy-model", "run-summary",
     }  # fmt: skip
     for name in names:
         assert (first / name / "executor_output.json").is_file(), name
@@ -457,7 +459,7 @@ def test_every_task_ran_in_the_image_and_wrote_its_outputs(pipeline_runs: dict[s
 
 def test_the_second_run_hits_the_cache(pipeline_runs: dict[str, Any]) -> None:
     again = pipeline_runs["again"]
-    assert {p.name for p in again.iterdir() if p.is_dir()} == {"champion-gate"}
+    assert {p.name for p in again.iterdir() if p.is_dir()} == {"champion-gate", "run-summary"}
     assert executor_output(again / "champion-gate")["parameterValues"]["Output"] is False
 
 
