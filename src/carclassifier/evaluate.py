@@ -20,6 +20,7 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support
 
 from carclassifier.augment import TtaSettings
 from carclassifier.config import RunConfig
@@ -46,8 +47,6 @@ def classification_metrics(
 ) -> dict[str, Any]:
     """Accuracy, log loss, macro F1, per-class precision/recall/F1/support and the confusion
     matrix (``"confusion"``, rows true, columns predicted) of probabilities against labels."""
-    from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support
-
     classes = list(range(len(class_names)))
     predicted = probs.argmax(axis=1)
     precision, recall, f1, support = precision_recall_fscore_support(

@@ -10,9 +10,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from carclassifier.augment import TtaSettings
 from carclassifier.config import RunConfig
+from carclassifier.eda import write_eda_report
+from carclassifier.evaluate import evaluate_classifier
+from carclassifier.export import export_metadata, write_export
+from carclassifier.model import load_model
+from carclassifier.predict import predict_folder
 from carclassifier.prepare import find_test_images, validate_and_split
 from carclassifier.reports import summary_table
+from carclassifier.stages import train_recipe
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +41,6 @@ def _robustness_line(metrics: dict[str, Any] | None) -> str:
 
 def run_local(config: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Run the recipe end to end under ``config.output_dir``; returns the summary."""
-    from carclassifier.augment import TtaSettings
-    from carclassifier.eda import write_eda_report
-    from carclassifier.evaluate import evaluate_classifier
-    from carclassifier.export import export_metadata, write_export
-    from carclassifier.model import load_model
-    from carclassifier.predict import predict_folder
-    from carclassifier.stages import train_recipe
-
     started = time.perf_counter()
     out = Path(config.output_dir)
     log.info("run-local: %d stages, outputs in %s", len(config.stages), out.resolve())

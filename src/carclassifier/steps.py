@@ -44,8 +44,16 @@ from carclassifier.artifacts import (
 )
 from carclassifier.budget import check_budget
 from carclassifier.config import RunConfig, load_config, resolve_config
+from carclassifier.data import Finding, ValidationReport, load_dataset
+from carclassifier.demo_data import demo_dataset_root
 from carclassifier.errors import DatasetError
-from carclassifier.prepare import PreparedData, find_test_images
+from carclassifier.kaggle_data import download_competition
+from carclassifier.predict import predict_folder
+from carclassifier.prepare import PreparedData, find_test_images, validate_and_split
+
+# The modules that import TensorFlow or albumentations (eda, stages, model, evaluate, export,
+# augment, gate, deploy) are imported inside the steps that use them: the pipeline compiler
+# imports this module (GCS_KEY_FILE_ENV), and each step's pod loads only what its step needs.
 from carclassifier.run_summary import run_record
 
 log = logging.getLogger(__name__)
@@ -88,12 +96,8 @@ def _step(func: Callable[P, R]) -> Callable[P, R]:
 
 def _fetch_data(source: str, config: RunConfig, dest: Path) -> str:
     """Fill ``dest`` with the dataset; returns a description of where it came from."""
-    from carclassifier.demo_data import demo_dataset_root
-
     source = source or config.data.root or ""
     if source == KAGGLE_SOURCE:
-        from carclassifier.kaggle_data import download_competition
-
         download_competition(dest)
         return "kaggle"
     if not source:
@@ -130,8 +134,6 @@ def prepare_step(
     where the run's exit task finds it (`carclassifier.run_summary.run_record`). Returns the
     manifest.
     """
-    from carclassifier.prepare import validate_and_split
-
     config = resolve_config(config_yaml, overrides, backbone, image_size, stage_names)
     out = Path(dataset_dir)
     data = out / DATA_DIR
@@ -200,7 +202,6 @@ def _copy_test_images(config: RunConfig, prepared: PreparedData, out: Path) -> s
 def eda_step(dataset_dir: str, report_html: str) -> dict[str, Any]:
     """Write the EDA report of the prepared data (from its validation tables, no image is
     decoded twice) to ``report_html``; returns counts for the UI."""
-    from carclassifier.data import Finding, ValidationReport, load_dataset
     from carclassifier.eda import write_eda_report
 
     out = Path(dataset_dir)
@@ -376,7 +377,6 @@ def predict_step(
     ``submission_csv`` and ``<run dir>/submission.csv``; without test images a header-only
     file. Returns ``rows`` and ``uri``."""
     from carclassifier.model import load_model
-    from carclassifier.predict import predict_folder
 
     config, prepared, manifest = load_dataset_artifact(dataset_dir)
     target = Path(submission_csv)
