@@ -165,11 +165,10 @@ def cmd_run_local(args: argparse.Namespace) -> None:
     from carclassifier.local_run import run_local
 
     summary = run_local(_config(args))
-    print(summary_table(summary["stages"]))
+    print(summary_table(summary.stages))
     print(
-        f"\nvalidation accuracy {summary['val_accuracy']:.4f}, with TTA {summary['val_accuracy_tta']:.4f} "
-        f"(gain {summary['tta_gain']:+.4f}) in {summary['minutes']:.1f} min\n"
-        f"EDA report: {summary['eda']}\nexported model: {summary['export']}\nsubmission: {summary['submission']}"
+        f"\n{summary.headline()} in {summary.minutes:.1f} min\nEDA report: {summary.eda}\n"
+        f"exported model: {summary.export}\nsubmission: {summary.submission}"
     )
 
 

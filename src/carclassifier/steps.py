@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -89,6 +90,41 @@ def _step(func: Callable[P, R]) -> Callable[P, R]:
         return result
 
     return wrapper
+
+
+@dataclass(frozen=True)
+class StageStepResult:
+    """What `train_stage_step` gives its component."""
+
+    metrics: dict[str, float | int]
+    """For the kfp Metrics: best val accuracy/loss, epochs, best epoch, minutes, image size."""
+    model: dict[str, Any]
+    """The Model artifact's metadata: stage, uri, val_accuracy, image_size, backbone, ..."""
+    summary: dict[str, Any]
+    """The stage's full metrics (`carclassifier.stages.run_stage`'s ``metrics.json``)."""
+
+
+@dataclass(frozen=True)
+class EvaluateStepResult:
+    """What `evaluate_step` gives its component."""
+
+    metrics: dict[str, float | int]
+    """For the kfp Metrics: accuracy (plain, TTA), gain, loss, macro F1, views, images."""
+    class_names: list[str]
+    confusion: list[list[int]]
+    """Rows true class, columns predicted (plain)."""
+    confusion_tta: list[list[int]]
+    """The same with TTA."""
+
+
+@dataclass(frozen=True)
+class ExportStepResult:
+    """What `export_step` gives its component."""
+
+    export_uri: str
+    """The durable copy, ``<run dir>/export``."""
+    metadata: dict[str, Any]
+    """The export's ``labels.json`` metadata (`carclassifier.export.export_metadata`)."""
 
 
 # --------------------------------------------------------------------------- prepare
@@ -241,13 +277,12 @@ def train_stage_step(
     curves_html: str,
     gpu_type: str = "",
     gpu_count: str = "",
-) -> dict[str, Any]:
+) -> StageStepResult:
     """Train (or resume, or find finished) stage ``stage_name`` of the run into
     ``<run dir>/stages/<stage>``, starting from ``init_model`` (a ``.keras`` file; None: a fresh
     model). Copies the best model to ``model_out`` and writes the curves page to
-    ``curves_html``. Returns ``metrics`` (for the UI; with ``gpu_hours``, the stage's minutes x
-    ``gpu_count``, the GPUs its task requested), ``model`` (Model metadata) and the stage's full
-    ``summary``."""
+    ``curves_html``. Returns a `StageStepResult` (its ``metrics`` with ``gpu_hours``, the
+    stage's minutes x ``gpu_count``, the GPUs its task requested)."""
     from carclassifier.stages import run_stage, stage_dir
 
     config, prepared, _ = load_dataset_artifact(dataset_dir)
@@ -282,9 +317,9 @@ def train_stage_step(
         if gpu_count.isdigit()
         else None,
     }
-    return {
-        "metrics": {k: v for k, v in metrics.items() if v is not None},
-        "model": {
+    return StageStepResult(
+        metrics={k: v for k, v in metrics.items() if v is not None},
+        model={
             "stage": stage.name,
             "uri": result.best_model,
             "val_accuracy": m.get("best_val_accuracy"),
@@ -294,8 +329,8 @@ def train_stage_step(
             "found_finished": result.skipped,
             "accelerator": gpu_type or None,
         },
-        "summary": m,
-    }
+        summary=m,
+    )
 
 
 def _gpu_minutes(metrics: dict[str, Any]) -> float:
@@ -317,12 +352,12 @@ def evaluate_step(
     report_html: str,
     checkpoint_root: str = "",
     run_key: str = "",
-) -> dict[str, Any]:
+) -> EvaluateStepResult:
     """Evaluate the model on the validation split, plain and with TTA, into ``out_dir``
     (`carclassifier.evaluate.evaluate_classifier`'s files, the robustness report included) and
-    ``report_html``. Returns ``metrics`` (the robustness metrics among them), ``class_names``,
-    ``confusion`` and ``confusion_tta`` (rows true, columns predicted); with ``checkpoint_root``
-    and ``run_key`` the metrics also go to ``<run dir>/evaluation/``."""
+    ``report_html``. Returns an `EvaluateStepResult` (the robustness metrics among its
+    ``metrics``); with ``checkpoint_root`` and ``run_key`` the metrics also go to
+    ``<run dir>/evaluation/``."""
     from carclassifier.evaluate import evaluate_classifier
     from carclassifier.model import load_model
 
@@ -361,12 +396,12 @@ def evaluate_step(
     if checkpoint_root and run_key:
         folder = run_dir(checkpoint_root, run_key, config)
         storage.write_text(storage.join(folder, "evaluation", "metrics.json"), json.dumps(metrics))
-    return {
-        "metrics": metrics,
-        "class_names": classes,
-        "confusion": _confusion(out / "confusion_matrix.csv"),
-        "confusion_tta": _confusion(out / "confusion_matrix_tta.csv"),
-    }
+    return EvaluateStepResult(
+        metrics=metrics,
+        class_names=classes,
+        confusion=_confusion(out / "confusion_matrix.csv"),
+        confusion_tta=_confusion(out / "confusion_matrix_tta.csv"),
+    )
 
 
 @_step
@@ -406,10 +441,10 @@ def export_step(
     export_dir: str,
     checkpoint_root: str,
     run_key: str,
-) -> dict[str, Any]:
+) -> ExportStepResult:
     """Export the model (``model.keras``, ``saved_model/``, ``labels.json`` with the evaluation
     in its metadata) to ``export_dir`` and copy it to ``<run dir>/export``, the durable location
-    the champion pointer names. Returns ``export_uri`` and the ``metadata``."""
+    the champion pointer names. Returns an `ExportStepResult`."""
     from carclassifier.augment import TtaSettings
     from carclassifier.export import export_metadata, write_export
     from carclassifier.model import load_model
@@ -424,7 +459,7 @@ def export_step(
     uri = storage.join(run_dir(checkpoint_root, run_key, config), EXPORT_DIR)
     storage.upload_tree(export_dir, uri)
     log.info("export copied to %s", uri)
-    return {"export_uri": uri, "metadata": metadata}
+    return ExportStepResult(export_uri=uri, metadata=metadata)
 
 
 @_step
