@@ -26,6 +26,7 @@ from carclassifier.augment import TtaSettings
 from carclassifier.config import RunConfig
 from carclassifier.errors import DatasetError, StorageError
 from carclassifier.inference import check_class_names, forward, model_image_size, predict_views
+from carclassifier.robustness import robustness_report
 from carclassifier.storage import is_gcs_uri
 
 log = logging.getLogger(__name__)
@@ -223,8 +224,6 @@ def evaluate_classifier(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if config.evaluate.robustness.enabled:
-        from carclassifier.robustness import robustness_report
-
         result["robustness"] = robustness_report(
             lambda batch: forward(model, batch, config.input.batch_size), paths, labels, plain,
             averaged, (height, width), config.evaluate.robustness, tta.transform(height), views,

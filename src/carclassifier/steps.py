@@ -53,7 +53,7 @@ from carclassifier.predict import predict_folder
 from carclassifier.prepare import PreparedData, find_test_images, validate_and_split
 
 # The modules that import TensorFlow or albumentations (eda, stages, model, evaluate, export,
-# augment, gate, deploy) are imported inside the steps that use them: the pipeline compiler
+# augment, robustness, gate, deploy) are imported inside the steps that use them: the compiler
 # imports this module (GCS_KEY_FILE_ENV), and each step's pod loads only what its step needs.
 from carclassifier.run_summary import run_record
 
