@@ -24,6 +24,6 @@ def evaluate_model(
     result = steps.evaluate_step(
         dataset.path, model.path, evaluation.path, report.path, checkpoint_root, run_key
     )
-    reports.log_metrics(metrics, result["metrics"])
-    reports.log_confusion(confusion, result["class_names"], result["confusion"])
-    reports.log_confusion(confusion_tta, result["class_names"], result["confusion_tta"])
+    reports.log_metrics(metrics, result.metrics)
+    reports.log_confusion(confusion, result.class_names, result.confusion)
+    reports.log_confusion(confusion_tta, result.class_names, result.confusion_tta)

@@ -21,5 +21,5 @@ def export_model(
     result = steps.export_step(
         dataset.path, model.path, evaluation.path, exported.path, checkpoint_root, run_key
     )
-    exported.metadata.update({"export_uri": result["export_uri"], **result["metadata"]})
-    return result["export_uri"]
+    exported.metadata.update({"export_uri": result.export_uri, **result.metadata})
+    return result.export_uri

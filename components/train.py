@@ -29,5 +29,5 @@ def train_stage(
         init_model.path if init_model is not None else None, model.path, curves.path,
         gpu_type, gpu_count,
     )  # fmt: skip
-    reports.log_metrics(metrics, result["metrics"])
-    model.metadata.update(result["model"])
+    reports.log_metrics(metrics, result.metrics)
+    model.metadata.update(result.model)

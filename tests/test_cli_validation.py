@@ -13,7 +13,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from carclassifier import cli
+from carclassifier import cli_commands
 from carclassifier.cli import main
 
 
@@ -148,7 +148,7 @@ def test_bad_arguments_are_one_error_line(case, paths, capsys):
 def test_config_and_path_errors_from_inside_a_command_are_one_line(
     monkeypatch, paths, capsys, error, expected
 ):
-    monkeypatch.setattr(cli, "cmd_validate", lambda args: error())
+    monkeypatch.setattr(cli_commands, "cmd_validate", lambda args: error())
     code, err = run_cli(["validate", "--data", paths["data"]], capsys)
     assert code == 2
     assert_one_error_line(err, expected)
@@ -158,7 +158,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch, paths):
     def bug(args):  # noqa: ANN001
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(cli, "cmd_validate", bug)
+    monkeypatch.setattr(cli_commands, "cmd_validate", bug)
     with pytest.raises(ZeroDivisionError):
         main(["validate", "--data", paths["data"]])
 

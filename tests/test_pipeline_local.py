@@ -19,7 +19,7 @@ import pytest
 from conftest import tiny_dataset, write_image
 
 from carclassifier import artifacts, reports, steps, storage
-from carclassifier.config import dump_config, load_config
+from carclassifier.config import dump_config, load_config, resolve_config
 from carclassifier.errors import ConfigError, DatasetError
 from pipelines import run_pipeline_local
 
@@ -57,7 +57,7 @@ def _recipe(*extra: str) -> str:
 
 
 def test_resolve_config_applies_overrides_then_parameters():
-    config = steps.resolve_config(
+    config = resolve_config(
         _recipe(),
         ["stages.stage_2.epochs=3", "model.backbone=efficientnet_b0"],
         "efficientnet_b3",
@@ -65,7 +65,7 @@ def test_resolve_config_applies_overrides_then_parameters():
     )
     assert config.stage("stage_2").epochs == 3
     assert config.model.backbone == "efficientnet_b3" and config.input.image_size == 64
-    unchanged = steps.resolve_config(_recipe(), [], "", 0)
+    unchanged = resolve_config(_recipe(), [], "", 0)
     assert unchanged.model.backbone == "efficientnet_lite0" and unchanged.input.image_size == 224
 
 

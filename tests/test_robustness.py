@@ -237,7 +237,7 @@ def test_the_pipeline_step_logs_robustness_metrics_and_html(tmp_path):
     result = steps.evaluate_step(
         str(artifact), str(model_path), str(tmp_path / "eval"), str(report)
     )
-    metrics = result["metrics"]
+    metrics = result.metrics
     assert {"robust_zoom_out_100_accuracy", "robust_hflip_accuracy_tta", "ece", "ece_tta"} <= set(
         metrics
     )

@@ -195,20 +195,20 @@ def test_all_stages_end_to_end_on_tiny_images(make_folder_dataset, tmp_path):
         (data / "test_upload" / name).write_bytes((data / "audi" / "img_0.jpg").read_bytes())
     out = tmp_path / "run"
     summary = run_local(tiny_config(out, data, "augment.tta_views=2"), progress=False)
-    assert [s["stage"] for s in summary["stages"]] == ["stage_1", "stage_2"]
-    assert [s["epochs_run"] for s in summary["stages"]] == [2, 1]
-    assert summary["stages"][1]["image_size"] == 64
+    assert [s["stage"] for s in summary.stages] == ["stage_1", "stage_2"]
+    assert [s["epochs_run"] for s in summary.stages] == [2, 1]
+    assert summary.stages[1]["image_size"] == 64
     for stage in ("stage_1", "stage_2"):
         for name in ("best.keras", "history.csv", "metrics.json", f"Train_Val_acc_{stage}.png"):
             assert (out / "stages" / stage / name).is_file(), (stage, name)
     evaluation = json.loads((out / "evaluation" / "evaluation.json").read_text())
     assert evaluation["tta"]["views"] == 2
-    assert summary["tta_gain"] == pytest.approx(
-        evaluation["tta"]["accuracy"] - evaluation["accuracy"]
-    )
+    assert summary.tta_gain == pytest.approx(evaluation["tta"]["accuracy"] - evaluation["accuracy"])
     assert (out / "export" / "saved_model" / "1" / "saved_model.pb").is_file() and (
         out / "export" / "labels.json"
     ).is_file()
+    labels = json.loads((out / "export" / "labels.json").read_text())
+    assert labels["tta"]["views"] == 2  # the recipe's TTA, for predict --tta and the server
     submission = (out / "submission.csv").read_text().splitlines()
     assert submission[0] == "Id,Category" and len(submission) == 3
     assert "| stage_2 |" in (out / "summary.md").read_text()
@@ -216,11 +216,11 @@ def test_all_stages_end_to_end_on_tiny_images(make_folder_dataset, tmp_path):
         "| attempts | minutes lost to preemption | minutes checkpointing |"
         in (out / "summary.md").read_text()
     )
-    first = summary["stages"][0]  # one uninterrupted attempt, one checkpoint per epoch
+    first = summary.stages[0]  # one uninterrupted attempt, one checkpoint per epoch
     assert (first["attempts"], first["preemptions"], first["checkpoints_written"]) == (1, 0, 2)
     assert first["minutes_lost_to_preemption"] == 0 and first["checkpoint_seconds"] > 0
     assert first["checkpoint_every"] == "epoch" and first["checkpoint_interval_minutes"] is None
     assert "robustness (" in (out / "summary.md").read_text()
-    assert summary["robustness"] == evaluation["robustness"]["metrics"]
+    assert summary.robustness == evaluation["robustness"]["metrics"]
     assert (out / "evaluation" / "robustness.html").is_file()
-    assert Path(summary["eda"]).is_file()
+    assert Path(summary.eda).is_file()

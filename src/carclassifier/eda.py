@@ -9,7 +9,6 @@ Figures use matplotlib's object API on `Figure` (Agg canvas, no pyplot state, no
 
 from __future__ import annotations
 
-import base64
 import html
 import logging
 from datetime import datetime
@@ -25,6 +24,7 @@ from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 from carclassifier.augment import train_transform
 from carclassifier.config import AugmentConfig
 from carclassifier.data import Finding, ValidationReport, load_image
+from carclassifier.reports import png_data_uri
 
 log = logging.getLogger(__name__)
 
@@ -383,11 +383,6 @@ def _more(total: int, cap: int, what: str) -> str:
     if total <= cap:
         return ""
     return f'<p class="note">… and {total - cap} more {what} (see validation.json).</p>'
-
-
-def png_data_uri(path: Path) -> str:
-    """A PNG file as a data URI, for self-contained HTML pages."""
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def render_html(report: ValidationReport, figures: dict[str, tuple[Path, str]]) -> str:

@@ -20,11 +20,13 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support
 
 from carclassifier.augment import TtaSettings
 from carclassifier.config import RunConfig
 from carclassifier.errors import DatasetError, StorageError
 from carclassifier.inference import check_class_names, forward, model_image_size, predict_views
+from carclassifier.robustness import robustness_report
 from carclassifier.storage import is_gcs_uri
 
 log = logging.getLogger(__name__)
@@ -46,8 +48,6 @@ def classification_metrics(
 ) -> dict[str, Any]:
     """Accuracy, log loss, macro F1, per-class precision/recall/F1/support and the confusion
     matrix (``"confusion"``, rows true, columns predicted) of probabilities against labels."""
-    from sklearn.metrics import confusion_matrix, log_loss, precision_recall_fscore_support
-
     classes = list(range(len(class_names)))
     predicted = probs.argmax(axis=1)
     precision, recall, f1, support = precision_recall_fscore_support(
@@ -224,8 +224,6 @@ def evaluate_classifier(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if config.evaluate.robustness.enabled:
-        from carclassifier.robustness import robustness_report
-
         result["robustness"] = robustness_report(
             lambda batch: forward(model, batch, config.input.batch_size), paths, labels, plain,
             averaged, (height, width), config.evaluate.robustness, tta.transform(height), views,

@@ -36,6 +36,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from carclassifier.augment import TtaSettings
 from carclassifier.config import RunConfig
@@ -145,8 +146,6 @@ def write_export(
         raise StorageError(
             f"export writes to a local folder; {out_dir} is gs:// (export locally, then upload)"
         )
-    import tensorflow as tf
-
     document = labels_document(model, class_names, metadata, tta)
     text = json.dumps(document, indent=2, default=_jsonable)  # fails before anything is written
     height, width = _input_hw(model)
@@ -188,9 +187,9 @@ def export_onnx(model: keras.Model, out_dir: str | Path, seed: int = 0) -> Path:
     The ONNX model must give Keras' probabilities within `ONNX_TOLERANCE` on a random batch of
     two images, else nothing is written and `CarClassifierError` says by how much they differ.
     """
+    # Lazy: ONNX and ONNX Runtime load in about a second and only this writer needs them.
     import onnx
     import onnxruntime as ort
-    import tensorflow as tf
 
     height, width = _input_hw(model)
     out = Path(out_dir)

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import keras
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 
 from carclassifier.augment import train_transform, val_transform
 from carclassifier.config import RunConfig
@@ -397,7 +398,7 @@ def make_tf_dataset(
     num_parallel_calls: int | None = None,
     cache: bool = False,
     initial_step: int = 0,
-):  # noqa: ANN201 - tf.data.Dataset, tensorflow imported lazily
+) -> tf.data.Dataset:
     """A tf.data pipeline with the same batches as `DataFrameIterator`.
 
     Elements are (epoch, indices of one batch), made from `epoch_order`; a parallel,
@@ -409,8 +410,6 @@ def make_tf_dataset(
     mid-epoch checkpoint); the batches before it are skipped as index lists, before any image
     is loaded.
     """
-    import tensorflow as tf
-
     n = len(filepaths)
     if n == 0:
         raise ValueError("no images to make batches from")

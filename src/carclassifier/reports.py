@@ -3,13 +3,14 @@
 - `log_metrics`, `log_confusion`: values on kfp ``Metrics`` / ``ClassificationMetrics``
   artifacts (also written as JSON files);
 - `html_page`, `stage_page`, `evaluation_page`: self-contained HTML pages (inline CSS, images
-  as data URIs) for kfp HTML artifacts;
+  as data URIs, `png_data_uri`) for kfp HTML artifacts;
 - `gate_page`: the champion/challenger decision, both models side by side, for a kfp HTML artifact;
 - `summary_table`: the Markdown table of the stages (``carclassifier train`` / ``run-local``).
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 import json
@@ -18,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from PIL import Image
 
 from carclassifier import storage
-from carclassifier.eda import png_data_uri
 
 # --------------------------------------------------------------------------- kfp UI outputs
 
@@ -50,6 +51,11 @@ def _write_json(path: str, value: Any) -> None:
 
 
 # --------------------------------------------------------------------------- HTML
+
+
+def png_data_uri(path: Path) -> str:
+    """A PNG file as a data URI, for self-contained HTML pages."""
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def _img(path: Path, alt: str) -> str:
@@ -131,10 +137,6 @@ def evaluation_page(
 
 def _thumbnail(path: Path, size: int = 112) -> str:
     """A small JPEG of the photo at ``path`` as a data URI."""
-    import base64
-
-    from PIL import Image
-
     with Image.open(path) as image:
         image = image.convert("RGB")
         image.thumbnail((size, size))

@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 
 from carclassifier.config import RobustnessConfig
 from carclassifier.data import load_image
-from carclassifier.eda import png_data_uri
+from carclassifier.reports import png_data_uri
 from carclassifier.tta import Forward, tta_predict
 
 log = logging.getLogger(__name__)

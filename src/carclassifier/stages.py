@@ -55,6 +55,7 @@ from typing import Any
 import keras
 import numpy as np
 import pandas as pd
+import tensorflow as tf
 
 from carclassifier import storage
 from carclassifier.attempts import AttemptLedger, learned_mtbf
@@ -100,16 +101,12 @@ class StageOutOfMemoryError(CarClassifierError):
 
 def gpu_count() -> int:
     """Visible GPUs."""
-    import tensorflow as tf
-
     return len(tf.config.list_physical_devices("GPU"))
 
 
 def distribution_scope() -> contextlib.AbstractContextManager:
     """MirroredStrategy's scope when more than one GPU is visible, else a no-op."""
     if gpu_count() > 1:
-        import tensorflow as tf
-
         strategy = tf.distribute.MirroredStrategy()
         log.info("training on %d GPUs with MirroredStrategy", strategy.num_replicas_in_sync)
         return strategy.scope()
@@ -373,8 +370,6 @@ def _train(
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
-    import tensorflow as tf
-
     return isinstance(exc, tf.errors.ResourceExhaustedError) or "RESOURCE_EXHAUSTED" in str(exc)
 
 

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -44,8 +45,16 @@ from carclassifier.artifacts import (
 )
 from carclassifier.budget import check_budget
 from carclassifier.config import RunConfig, load_config, resolve_config
+from carclassifier.data import Finding, ValidationReport, load_dataset
+from carclassifier.demo_data import demo_dataset_root
 from carclassifier.errors import DatasetError
-from carclassifier.prepare import PreparedData, find_test_images
+from carclassifier.kaggle_data import download_competition
+from carclassifier.predict import predict_folder
+from carclassifier.prepare import PreparedData, find_test_images, validate_and_split
+
+# The modules that import TensorFlow or albumentations (eda, stages, model, evaluate, export,
+# augment, robustness, gate, deploy) are imported inside the steps that use them: the compiler
+# imports this module (GCS_KEY_FILE_ENV), and each step's pod loads only what its step needs.
 from carclassifier.run_summary import run_record
 
 log = logging.getLogger(__name__)
@@ -83,17 +92,48 @@ def _step(func: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+@dataclass(frozen=True)
+class StageStepResult:
+    """What `train_stage_step` gives its component."""
+
+    metrics: dict[str, float | int]
+    """For the kfp Metrics: best val accuracy/loss, epochs, best epoch, minutes, image size."""
+    model: dict[str, Any]
+    """The Model artifact's metadata: stage, uri, val_accuracy, image_size, backbone, ..."""
+    summary: dict[str, Any]
+    """The stage's full metrics (`carclassifier.stages.run_stage`'s ``metrics.json``)."""
+
+
+@dataclass(frozen=True)
+class EvaluateStepResult:
+    """What `evaluate_step` gives its component."""
+
+    metrics: dict[str, float | int]
+    """For the kfp Metrics: accuracy (plain, TTA), gain, loss, macro F1, views, images."""
+    class_names: list[str]
+    confusion: list[list[int]]
+    """Rows true class, columns predicted (plain)."""
+    confusion_tta: list[list[int]]
+    """The same with TTA."""
+
+
+@dataclass(frozen=True)
+class ExportStepResult:
+    """What `export_step` gives its component."""
+
+    export_uri: str
+    """The durable copy, ``<run dir>/export``."""
+    metadata: dict[str, Any]
+    """The export's ``labels.json`` metadata (`carclassifier.export.export_metadata`)."""
+
+
 # --------------------------------------------------------------------------- prepare
 
 
 def _fetch_data(source: str, config: RunConfig, dest: Path) -> str:
     """Fill ``dest`` with the dataset; returns a description of where it came from."""
-    from carclassifier.demo_data import demo_dataset_root
-
     source = source or config.data.root or ""
     if source == KAGGLE_SOURCE:
-        from carclassifier.kaggle_data import download_competition
-
         download_competition(dest)
         return "kaggle"
     if not source:
@@ -130,8 +170,6 @@ def prepare_step(
     where the run's exit task finds it (`carclassifier.run_summary.run_record`). Returns the
     manifest.
     """
-    from carclassifier.prepare import validate_and_split
-
     config = resolve_config(config_yaml, overrides, backbone, image_size, stage_names)
     out = Path(dataset_dir)
     data = out / DATA_DIR
@@ -200,7 +238,6 @@ def _copy_test_images(config: RunConfig, prepared: PreparedData, out: Path) -> s
 def eda_step(dataset_dir: str, report_html: str) -> dict[str, Any]:
     """Write the EDA report of the prepared data (from its validation tables, no image is
     decoded twice) to ``report_html``; returns counts for the UI."""
-    from carclassifier.data import Finding, ValidationReport, load_dataset
     from carclassifier.eda import write_eda_report
 
     out = Path(dataset_dir)
@@ -240,13 +277,12 @@ def train_stage_step(
     curves_html: str,
     gpu_type: str = "",
     gpu_count: str = "",
-) -> dict[str, Any]:
+) -> StageStepResult:
     """Train (or resume, or find finished) stage ``stage_name`` of the run into
     ``<run dir>/stages/<stage>``, starting from ``init_model`` (a ``.keras`` file; None: a fresh
     model). Copies the best model to ``model_out`` and writes the curves page to
-    ``curves_html``. Returns ``metrics`` (for the UI; with ``gpu_hours``, the stage's minutes x
-    ``gpu_count``, the GPUs its task requested), ``model`` (Model metadata) and the stage's full
-    ``summary``."""
+    ``curves_html``. Returns a `StageStepResult` (its ``metrics`` with ``gpu_hours``, the
+    stage's minutes x ``gpu_count``, the GPUs its task requested)."""
     from carclassifier.stages import run_stage, stage_dir
 
     config, prepared, _ = load_dataset_artifact(dataset_dir)
@@ -281,9 +317,9 @@ def train_stage_step(
         if gpu_count.isdigit()
         else None,
     }
-    return {
-        "metrics": {k: v for k, v in metrics.items() if v is not None},
-        "model": {
+    return StageStepResult(
+        metrics={k: v for k, v in metrics.items() if v is not None},
+        model={
             "stage": stage.name,
             "uri": result.best_model,
             "val_accuracy": m.get("best_val_accuracy"),
@@ -293,8 +329,8 @@ def train_stage_step(
             "found_finished": result.skipped,
             "accelerator": gpu_type or None,
         },
-        "summary": m,
-    }
+        summary=m,
+    )
 
 
 def _gpu_minutes(metrics: dict[str, Any]) -> float:
@@ -316,12 +352,12 @@ def evaluate_step(
     report_html: str,
     checkpoint_root: str = "",
     run_key: str = "",
-) -> dict[str, Any]:
+) -> EvaluateStepResult:
     """Evaluate the model on the validation split, plain and with TTA, into ``out_dir``
     (`carclassifier.evaluate.evaluate_classifier`'s files, the robustness report included) and
-    ``report_html``. Returns ``metrics`` (the robustness metrics among them), ``class_names``,
-    ``confusion`` and ``confusion_tta`` (rows true, columns predicted); with ``checkpoint_root``
-    and ``run_key`` the metrics also go to ``<run dir>/evaluation/``."""
+    ``report_html``. Returns an `EvaluateStepResult` (the robustness metrics among its
+    ``metrics``); with ``checkpoint_root`` and ``run_key`` the metrics also go to
+    ``<run dir>/evaluation/``."""
     from carclassifier.evaluate import evaluate_classifier
     from carclassifier.model import load_model
 
@@ -360,12 +396,12 @@ def evaluate_step(
     if checkpoint_root and run_key:
         folder = run_dir(checkpoint_root, run_key, config)
         storage.write_text(storage.join(folder, "evaluation", "metrics.json"), json.dumps(metrics))
-    return {
-        "metrics": metrics,
-        "class_names": classes,
-        "confusion": _confusion(out / "confusion_matrix.csv"),
-        "confusion_tta": _confusion(out / "confusion_matrix_tta.csv"),
-    }
+    return EvaluateStepResult(
+        metrics=metrics,
+        class_names=classes,
+        confusion=_confusion(out / "confusion_matrix.csv"),
+        confusion_tta=_confusion(out / "confusion_matrix_tta.csv"),
+    )
 
 
 @_step
@@ -376,7 +412,6 @@ def predict_step(
     ``submission_csv`` and ``<run dir>/submission.csv``; without test images a header-only
     file. Returns ``rows`` and ``uri``."""
     from carclassifier.model import load_model
-    from carclassifier.predict import predict_folder
 
     config, prepared, manifest = load_dataset_artifact(dataset_dir)
     target = Path(submission_csv)
@@ -406,10 +441,10 @@ def export_step(
     export_dir: str,
     checkpoint_root: str,
     run_key: str,
-) -> dict[str, Any]:
+) -> ExportStepResult:
     """Export the model (``model.keras``, ``saved_model/``, ``labels.json`` with the evaluation
     in its metadata) to ``export_dir`` and copy it to ``<run dir>/export``, the durable location
-    the champion pointer names. Returns ``export_uri`` and the ``metadata``."""
+    the champion pointer names. Returns an `ExportStepResult`."""
     from carclassifier.augment import TtaSettings
     from carclassifier.export import export_metadata, write_export
     from carclassifier.model import load_model
@@ -424,7 +459,7 @@ def export_step(
     uri = storage.join(run_dir(checkpoint_root, run_key, config), EXPORT_DIR)
     storage.upload_tree(export_dir, uri)
     log.info("export copied to %s", uri)
-    return {"export_uri": uri, "metadata": metadata}
+    return ExportStepResult(export_uri=uri, metadata=metadata)
 
 
 @_step

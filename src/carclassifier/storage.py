@@ -25,6 +25,12 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from google.api_core import exceptions as gexc
+from google.api_core.retry import Retry
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage as gcs
+from google.cloud.storage.retry import DEFAULT_RETRY
+
 from carclassifier.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -59,13 +65,10 @@ def gcs_timeout() -> float:
     return _env_float(TIMEOUT_ENV, 120.0)
 
 
-def gcs_retry(what: str):  # noqa: ANN201 - google.api_core.retry.Retry, imported lazily
+def gcs_retry(what: str) -> Retry:
     """The retry policy of one GCS call: google-cloud-storage's retryable errors, exponential
     backoff between `RETRY_INITIAL_ENV` and `RETRY_MAX_ENV` seconds, `RETRY_DEADLINE_ENV` in all;
     logs each retry with ``what`` (e.g. "upload gs://b/x") and the attempt number."""
-    from google.api_core.retry import Retry
-    from google.cloud.storage.retry import DEFAULT_RETRY
-
     attempts = itertools.count(1)
 
     def on_error(exc: Exception) -> None:
@@ -95,8 +98,6 @@ def _describe(exc: BaseException) -> str:
 @contextlib.contextmanager
 def _gcs_errors(action: str, uri: str) -> Iterator[None]:
     """Turn permanent GCS errors into a one-line `StorageError` (URI, cause, remedy)."""
-    from google.api_core import exceptions as gexc
-
     try:
         yield
     except (gexc.Forbidden, gexc.Unauthorized) as exc:
@@ -145,15 +146,11 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def gcs_client():  # noqa: ANN201 - google.cloud.storage.Client, imported lazily
+def gcs_client() -> gcs.Client:
     """A google-cloud-storage client; honours ``STORAGE_EMULATOR_HOST`` for local tests."""
-    from google.cloud import storage
-
     if os.environ.get("STORAGE_EMULATOR_HOST"):
-        from google.auth.credentials import AnonymousCredentials
-
-        return storage.Client(project="test", credentials=AnonymousCredentials())
-    return storage.Client()
+        return gcs.Client(project="test", credentials=AnonymousCredentials())
+    return gcs.Client()
 
 
 def local_copy(uri: str | os.PathLike[str]) -> Path:
@@ -182,8 +179,6 @@ def local_copy(uri: str | os.PathLike[str]) -> Path:
 
 def _download(uri: str, tmp: Path, not_found: str) -> None:
     """Stream the object at ``uri`` into ``tmp`` (retried; removed again on failure)."""
-    from google.api_core import exceptions as gexc
-
     try:
         with _gcs_errors("read", uri):
             _blob(uri).download_to_filename(
@@ -210,7 +205,7 @@ def join(base: str | os.PathLike[str], *parts: str) -> str:
     return str(Path(base, *parts))
 
 
-def _blob(uri: str):  # noqa: ANN202 - google.cloud.storage.Blob
+def _blob(uri: str) -> gcs.Blob:
     bucket, name = split_gcs_uri(uri)
     return gcs_client().bucket(bucket).blob(name)
 
@@ -236,8 +231,6 @@ def read_versioned(uri: str) -> tuple[str | None, int | None]:
     if not is_gcs_uri(uri):
         path = Path(uri)
         return (path.read_text(encoding="utf-8") if path.is_file() else None), None
-    from google.api_core import exceptions as gexc
-
     bucket, name = split_gcs_uri(uri)
     with _gcs_errors("read", uri):
         for _ in range(5):  # the object may be replaced between the two requests
@@ -278,8 +271,6 @@ def write_text(uri: str, text: str, if_generation_match: int | None = None) -> N
 
 
 def _upload_text(uri: str, text: str, if_generation_match: int | None) -> None:
-    from google.api_core import exceptions as gexc
-
     blob = _blob(uri)
     with _gcs_errors("write", uri):
         try:
@@ -372,8 +363,6 @@ def list_names(uri: str) -> list[str]:
 def delete_tree(uri: str) -> None:
     """Remove a local folder or every object under a gs:// prefix (missing is fine)."""
     if is_gcs_uri(uri):
-        from google.api_core import exceptions as gexc
-
         bucket, prefix = split_gcs_uri(uri.rstrip("/") + "/")
         with _gcs_errors("delete", uri):
             for blob in gcs_client().list_blobs(

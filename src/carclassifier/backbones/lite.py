@@ -30,6 +30,7 @@ from keras import layers
 from carclassifier.backbones.torch_legacy import read_legacy_state_dict
 from carclassifier.config import check_image_size
 from carclassifier.errors import BackboneError, StorageError
+from carclassifier.storage import local_copy
 
 STEM_FILTERS = 32
 HEAD_FILTERS = 1280
@@ -453,8 +454,6 @@ def load_imagenet_weights(
 
 def _load_keras_weights(model: keras.Model, weights: str | os.PathLike[str]) -> None:
     """Load a ``.weights.h5`` file (local path or gs:// URI) saved from this architecture."""
-    from carclassifier.storage import local_copy
-
     if not str(weights).endswith(".weights.h5"):
         raise BackboneError(
             f"weights={str(weights)!r}: give 'imagenet', None, or a Keras weights file ending "

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
 
 from carclassifier.augment import TtaSettings
@@ -102,8 +103,6 @@ def _read_labels(folder: Path) -> dict[str, Any]:
 
 
 def _load_saved_model(folder: Path) -> Loaded:
-    import tensorflow as tf
-
     path = folder / SAVED_MODEL_DIR / SAVED_MODEL_VERSION
     if (folder / "saved_model.pb").is_file():  # a published version (carclassifier.deploy)
         path = folder
@@ -136,6 +135,7 @@ def _load_saved_model(folder: Path) -> Loaded:
 
 
 def _load_onnx(folder: Path) -> Loaded:
+    # Lazy: ONNX Runtime is needed by this backend only (TensorFlow comes with the export module).
     import onnxruntime as ort
 
     path = folder / ONNX_FILE
