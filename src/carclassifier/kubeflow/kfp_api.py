@@ -24,6 +24,9 @@ from typing import Any
 from carclassifier.errors import one_line
 from carclassifier.kubeflow.package import PipelinePackage, SubmitError
 
+# kfp (0.7 s to import, measured), kfp_server_api and urllib3 are imported in the functions that
+# use them: `carclassifier --help` and `python -m pipelines --help` build these commands' parsers.
+
 #: The KFP API of a standard install, as seen from a pod of the same cluster.
 IN_CLUSTER_HOST = "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
 #: Where the kubelet projects a KFP service-account token (kfp's own default).

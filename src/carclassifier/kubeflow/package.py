@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from carclassifier.config import resolve_config, yaml_problem
+from carclassifier.errors import CarClassifierError
 from carclassifier.kubeflow import kfp_versions
 from carclassifier.kubeflow.arguments import check_arguments
 from carclassifier.kubeflow.cluster import PLACEHOLDER_IMAGE
@@ -254,8 +255,6 @@ def run_parameters(
     """
     params = resolve_params(parse_params(items), package)
     if package.recipe is not None:
-        from carclassifier.errors import CarClassifierError
-
         try:
             check_arguments({**package.defaults, **params}, package.recipe, package.stage_names)
         except CarClassifierError as exc:

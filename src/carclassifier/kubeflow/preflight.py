@@ -32,6 +32,9 @@ from carclassifier.kubeflow.submit import (
     pipeline_arguments,
 )
 
+# kubernetes (0.6 s to import, measured), urllib3 and google.auth are imported in the checks that
+# use them: `carclassifier --help` builds this command's parser.
+
 MANIFEST_TYPES = ", ".join(
     (
         "application/vnd.oci.image.index.v1+json",
@@ -210,10 +213,10 @@ def check_gpu_nodes(core: Any, package: PipelinePackage, gpus: int) -> list[Chec
 
 def check_writable(uri: str, what: str) -> Check:
     """Write and delete one object under ``uri`` with the local credentials."""
-    from carclassifier import storage
-
     if not uri.startswith("gs://"):
         return Check(False, f"{what} {uri!r} is not a gs:// URI")
+    from carclassifier import storage  # google-cloud-storage: kept off `carclassifier --help`
+
     folder = storage.join(uri, f".preflight-{uuid.uuid4().hex}")
     storage.write_text(storage.join(folder, "probe.txt"), "carclassifier preflight\n")
     storage.delete_tree(folder)
