@@ -5,8 +5,13 @@ here (`INTEGRATION_MODULES`, `INTEGRATION_FIXTURES`, `KFP_MODULES`, `SLOW_TESTS`
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +190,27 @@ def bucket(gcs_emulator: str):
     from carclassifier.storage import gcs_client
 
     return gcs_client().create_bucket(f"test-{uuid.uuid4().hex[:8]}")
+
+
+@contextmanager
+def webhook_receiver(path: str = "/hooks/carclassifier") -> Iterator[tuple[str, list[dict]]]:
+    """A Slack-style incoming webhook on 127.0.0.1: its URL, and the JSON bodies it was sent."""
+    received: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}{path}", received
+    finally:
+        server.shutdown()
+        server.server_close()

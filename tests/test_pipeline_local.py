@@ -9,14 +9,12 @@ tests cover those) but runs the real component code, artifacts, task order and c
 import json
 import os
 import shutil
-import threading
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import tiny_dataset, write_image
+from conftest import tiny_dataset, webhook_receiver, write_image
 
 from carclassifier import artifacts, reports, steps, storage
 from carclassifier.config import dump_config, load_config, resolve_config
@@ -191,22 +189,8 @@ def _artifact_metadata(task_dir: Path, name: str) -> dict:
 @pytest.fixture(scope="module")
 def webhook() -> Iterator[tuple[str, list[dict]]]:
     """A Slack-style incoming webhook on 127.0.0.1 recording what it is sent."""
-    received: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hooks/carclassifier", received
-    server.shutdown()
-    server.server_close()
+    with webhook_receiver("/hooks/carclassifier") as hook:
+        yield hook
 
 
 @pytest.fixture(scope="module")

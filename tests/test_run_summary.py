@@ -2,10 +2,9 @@
 on 127.0.0.1."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import webhook_receiver
 
 from carclassifier import storage
 from carclassifier.run_summary import run_record, write_summary
@@ -14,23 +13,8 @@ from carclassifier.run_summary import run_record, write_summary
 @pytest.fixture
 def receiver():
     """A Slack-style incoming-webhook endpoint that records the JSON bodies it is sent."""
-    received: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b"ok")
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hooks/T000/B000", received
-    server.shutdown()
-    server.server_close()
+    with webhook_receiver("/hooks/T000/B000") as hook:
+        yield hook
 
 
 def _run_folder(root: str) -> str:

@@ -29,6 +29,13 @@ RUNS_DIR = "kfp-runs"
 WEBHOOK_TIMEOUT_S = 10.0
 _STAGE_KEYS = ("best_val_accuracy", "minutes", "epochs_run", "attempts", "preemptions",
                "minutes_lost_to_preemption", "minutes_checkpointing")  # fmt: skip
+GPU_MINUTE_KEYS = ("minutes", "minutes_lost_to_preemption", "minutes_checkpointing")
+"""The stage metrics that count as time on the stage's GPUs (training, redone, checkpointing)."""
+
+
+def gpu_minutes(metrics: dict[str, Any]) -> float:
+    """A stage's minutes on its task's GPUs across attempts (`GPU_MINUTE_KEYS` summed)."""
+    return sum(float(metrics.get(k) or 0) for k in GPU_MINUTE_KEYS)
 
 
 @dataclass
@@ -115,11 +122,7 @@ def collect(
     summary.gate = _json(storage.join(run_dir, "gate.json"))
     deployed = _json(storage.join(run_dir, "deploy.json"))
     summary.deployed_version = None if deployed is None else int(deployed["version"])
-    minutes = sum(
-        float(s.get(k) or 0)
-        for s in summary.stages.values()
-        for k in ("minutes", "minutes_lost_to_preemption", "minutes_checkpointing")
-    )
+    minutes = sum(gpu_minutes(stage) for stage in summary.stages.values())
     summary.gpu_hours = round(minutes / 60 * gpus_per_task, 3)
     if status != "SUCCEEDED" and _is_group(failed_task):
         summary.failed_task = _first_unfinished(summary, dataset.get("stages") or [])

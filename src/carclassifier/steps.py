@@ -55,7 +55,7 @@ from carclassifier.prepare import PreparedData, find_test_images, validate_and_s
 # The modules that import TensorFlow or albumentations (eda, stages, model, evaluate, export,
 # augment, robustness, gate, deploy) are imported inside the steps that use them: the compiler
 # imports this module (GCS_KEY_FILE_ENV), and each step's pod loads only what its step needs.
-from carclassifier.run_summary import run_record
+from carclassifier.run_summary import gpu_minutes, run_record
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +313,7 @@ def train_stage_step(
         "checkpoint_seconds": m.get("checkpoint_seconds"),
         "mtbf_minutes": m.get("mtbf_minutes"),
         "gpus": int(gpu_count) if gpu_count.isdigit() else None,
-        "gpu_hours": round(_gpu_minutes(m) / 60 * int(gpu_count), 4)
+        "gpu_hours": round(gpu_minutes(m) / 60 * int(gpu_count), 4)
         if gpu_count.isdigit()
         else None,
     }
@@ -331,13 +331,6 @@ def train_stage_step(
         },
         summary=m,
     )
-
-
-def _gpu_minutes(metrics: dict[str, Any]) -> float:
-    """A stage's minutes on its task's GPUs across attempts: training, redone after a
-    preemption, checkpointing (as `carclassifier.run_summary` counts them)."""
-    keys = ("minutes", "minutes_lost_to_preemption", "minutes_checkpointing")
-    return sum(float(metrics.get(k) or 0) for k in keys)
 
 
 def _confusion(path: Path) -> list[list[int]]:
