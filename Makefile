@@ -26,6 +26,8 @@ PARAMS ?=
 # The KFP backend (API server) release the package is compiled for; empty: the newest supported
 # (python -m pipelines compile --help lists them; docs/kfp-backend.md says what each can read).
 KFP_VERSION ?=
+# The KServe InferenceService (namespace/name) to roll onto a deployed or rolled-back version
+INFERENCE_SERVICE ?=
 COMPILE_ARGS = --image $(IMAGE) $(if $(KFP_VERSION),--kfp-version $(KFP_VERSION))
 KFP_SERVICE_ACCOUNT ?= carclassifier-pipeline
 RUN_ID ?=
@@ -131,8 +133,9 @@ image-test: install  ## build both images with buildah on a stand-in base, run t
 manifests-validate: install  ## Dockerfile checks + manifests against Kubernetes and KServe schemas
 	$(PY) -m pytest -q tests/test_docker_manifests.py
 
-rollback: install  ## serve an earlier version again: make rollback SERVING_ROOT=gs://... VERSION=N
-	$(VENV)/bin/carclassifier rollback --serving-root "$(SERVING_ROOT)" --version "$(VERSION)"
+rollback: install  ## serve an earlier version again: make rollback SERVING_ROOT=gs://... VERSION=N [INFERENCE_SERVICE=ns/name]
+	$(VENV)/bin/carclassifier rollback --serving-root "$(SERVING_ROOT)" --version "$(VERSION)" \
+		--inference-service "$(INFERENCE_SERVICE)"
 
 clean:  ## remove run outputs (keeps .venv)
 	rm -rf runs tests/artifacts

@@ -274,6 +274,7 @@ def build_pipeline(
         champion_pointer: str = "",
         min_improvement: float = 0.0,
         serving_root: str = "",
+        inference_service: str = "",
         webhook_url: str = "",
         gpu_type: str = options.gpu_type,
         gpu_count: str = options.gpu_count,
@@ -291,11 +292,12 @@ def build_pipeline(
             champion_pointer: gs:// JSON object naming the champion export ("" = <checkpoint_root>/champion.json).
             min_improvement: Accuracy margin by which the challenger must beat the champion (and significantly: the recipe's gate section).
             serving_root: gs:// prefix of the numbered serving versions and their champion.json pointer ("" = <checkpoint_root>/serving).
+            inference_service: KServe InferenceService (namespace/name, or name in the run's namespace) whose storageUri is serving_root: rolled onto each deployed version, since KServe copies the model only when a pod starts ("" = none).
             webhook_url: Slack-compatible incoming webhook the run summary is posted to ("" = none).
         """
         arguments = (
             data_source, overrides, backbone, image_size, checkpoint_root, champion_pointer,
-            min_improvement, serving_root, gpu_type, gpu_count,
+            min_improvement, serving_root, inference_service, gpu_type, gpu_count,
         )  # fmt: skip
         if not target.task_final_status:
             _tasks(*arguments)  # no exit task: this backend cannot give it the run's status
@@ -313,8 +315,8 @@ def build_pipeline(
 
     def _tasks(
         data_source: str, overrides: list, backbone: str, image_size: int, checkpoint_root: str,
-        champion_pointer: str, min_improvement: float, serving_root: str, gpu_type: str,
-        gpu_count: str,
+        champion_pointer: str, min_improvement: float, serving_root: str, inference_service: str,
+        gpu_type: str, gpu_count: str,
     ) -> None:  # fmt: skip
         """Every task but the exit task, in the exit handler's group."""
         prepare = ops.prepare_data(
@@ -405,6 +407,7 @@ def build_pipeline(
                 serving_root=serving_root,
                 checkpoint_root=checkpoint_root,
                 run_key=run_key,
+                inference_service=inference_service,
             ).set_display_name("Deploy (new serving version)")
             _common(deploy, options, options.cpu_resources).set_caching_options(False)
             tasks.append(deploy)

@@ -29,6 +29,8 @@ POD_CALLS = [
      "tag 2.17.0"),
     ("kfp driver/launcher", "", "configmaps", "get", "kfp-launcher",
      "kubeflow/pipelines backend/src/v2/config/env.go FromConfigMap, tags 2.4.0 and 2.17.0"),
+    ("deploy step", "serving.kserve.io", "inferenceservices", "patch", "",
+     "our src/carclassifier/kubeflow/kserve.py roll_out (CustomObjectsApi merge patch)"),
 ]  # fmt: skip
 
 

@@ -254,6 +254,7 @@ def test_images_parameters_and_no_runtime_installs(b6):
         "champion_pointer": "",
         "min_improvement": 0.0,
         "serving_root": "",
+        "inference_service": "",
         "webhook_url": "",
     }
     assert spec["pipelineInfo"]["name"] == "car-classifier-recipe-b6"

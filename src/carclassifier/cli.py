@@ -26,6 +26,11 @@ from carclassifier.errors import (
 )
 from carclassifier.kubeflow import preflight
 
+ROLL_HELP = (
+    "KServe InferenceService namespace/name to roll onto the new live version (KServe copies "
+    "the model into a pod only when it starts); needs patch on inferenceservices"
+)
+
 
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors are one ``error:`` line and exit status 2."""
@@ -142,10 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", required=True, help="export folder or gs:// prefix")
     p.add_argument("--serving-root", required=True, help="folder or gs:// prefix of the versions")
     p.add_argument("--check-photo", help="a photo stored with the version for the server's check")
+    p.add_argument("--inference-service", default="", help=ROLL_HELP)
 
     p = sub.add_parser("rollback", help="make an earlier serving version live again")
     p.add_argument("--serving-root", required=True, help="folder or gs:// prefix of the versions")
     p.add_argument("--version", type=int, required=True, help="the version to serve again")
+    p.add_argument("--inference-service", default="", help=ROLL_HELP)
 
     preflight.add_command(sub, os.environ)
     return parser

@@ -192,6 +192,8 @@ def cmd_deploy(args: argparse.Namespace) -> None:
 
     done = publish(args.export, args.serving_root, args.check_photo, export=args.export)
     print(f"version {done.version}: {done.uri}" + ("" if done.live else " (a newer one is live)"))
+    if done.live:
+        _roll_out(args.inference_service, done.version)
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
@@ -199,6 +201,15 @@ def cmd_rollback(args: argparse.Namespace) -> None:
 
     done = rollback(args.serving_root, args.version)
     print(f"version {args.version} is live again as version {done.version}: {done.uri}")
+    _roll_out(args.inference_service, done.version)
+
+
+def _roll_out(inference_service: str, version: int) -> None:
+    """Roll the KServe InferenceService (``namespace/name``; "" = none) onto ``version``."""
+    if inference_service:
+        from carclassifier.kubeflow.kserve import roll_out
+
+        print(f"rolling InferenceService {roll_out(inference_service, version)} onto it")
 
 
 def _read_labels(path: Path) -> list[str]:

@@ -3,8 +3,9 @@
 
 A version folder is what both servers read:
 
-* TensorFlow Serving (KServe's ``tensorflow`` runtime, ``storageUri: <serving_root>``) polls the
-  numbered children of its base path and serves the highest one: the SavedModel sits at the
+* TensorFlow Serving (KServe's ``tensorflow`` runtime, ``storageUri: <serving_root>``) serves
+  the highest numbered child of its base path; under KServe that base path is a copy made when
+  the pod starts, so the deploy step rolls the predictor (`carclassifier.kubeflow.kserve`). The SavedModel sits at the
   top of ``<N>/`` (``saved_model.pb``, ``variables/``; uploaded last, so a half-copied version
   has no ``saved_model.pb`` to load yet). Extra files beside it are ignored.
 * ``carclassifier serve --model <serving_root>`` follows the pointer (`pointer_version`), and

@@ -524,23 +524,49 @@ def gate_step(
 
 @_step
 def deploy_step(
-    dataset_dir: str, export_uri: str, serving_root: str, checkpoint_root: str, run_key: str
+    dataset_dir: str,
+    export_uri: str,
+    serving_root: str,
+    checkpoint_root: str,
+    run_key: str,
+    inference_service: str = "",
 ) -> dict[str, Any]:
     """Publish the promoted export as the next version under ``serving_root`` ("" =
     ``<checkpoint_root>/serving``) and make it live (`carclassifier.deploy.publish`), with the
     first validation photo as the version's check photo; records ``deploy.json`` in the run
-    folder. Returns ``version``, ``uri``, ``live`` and ``serving_root``."""
-    from carclassifier.deploy import SERVING_DIR, publish
+    folder. A retried task whose export is already the live version publishes nothing again.
+    With ``inference_service`` (``namespace/name`` or ``name``) the KServe InferenceService
+    serving that root is rolled onto the new version (`carclassifier.kubeflow.kserve.roll_out`:
+    KServe copies the model into a pod only when it starts). Returns ``version``, ``uri``,
+    ``live``, ``serving_root`` and ``rolled_out`` (the InferenceService, or None)."""
+    from carclassifier.deploy import SERVING_DIR, pointer_version, publish
+    from carclassifier.kubeflow.kserve import roll_out
 
     config, prepared, manifest = load_dataset_artifact(dataset_dir)
     root = serving_root or storage.join(checkpoint_root or config.output_dir, SERVING_DIR)
-    val = prepared.subset("val")
-    photo = Path(prepared.dataset.root) / val["path"][0] if len(val) else None
-    done = publish(
-        export_uri, root, photo, export=export_uri, run_key=run_key,
-        data_version=manifest.get("data_version"),
-    )  # fmt: skip
-    result = {"version": done.version, "uri": done.uri, "live": done.live, "serving_root": root}
-    folder = run_dir(checkpoint_root, run_key, config)
-    storage.write_text(storage.join(folder, "deploy.json"), json.dumps(result, indent=2))
+    record = storage.join(run_dir(checkpoint_root, run_key, config), "deploy.json")
+    done_before = json.loads(storage.read_text(record) or "null")
+    if (
+        done_before
+        and done_before.get("export") == export_uri
+        and (pointer_version(root) or (None,))[0] == done_before["version"]
+    ):
+        result = done_before
+        log.info("deploy: %s is already live as version %d", export_uri, result["version"])
+    else:
+        val = prepared.subset("val")
+        photo = Path(prepared.dataset.root) / val["path"][0] if len(val) else None
+        done = publish(
+            export_uri, root, photo, export=export_uri, run_key=run_key,
+            data_version=manifest.get("data_version"),
+        )  # fmt: skip
+        result = {
+            "version": done.version, "uri": done.uri, "live": done.live, "serving_root": root,
+            "export": export_uri, "rolled_out": None,
+        }  # fmt: skip
+        storage.write_text(record, json.dumps(result, indent=2))
+    if inference_service and result["live"]:
+        result["rolled_out"] = roll_out(inference_service, result["version"])
+        log.info("deploy: rolling %s onto version %d", result["rolled_out"], result["version"])
+        storage.write_text(record, json.dumps(result, indent=2))
     return result

@@ -24,6 +24,11 @@ _GPU_TYPE = re.compile(
     r"(?!(?:[^/]*\.)?kubernetes\.io/)[a-z0-9]([-a-z0-9.]*[a-z0-9])?\.[a-z]+/"
     r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?|[A-Z][A-Z0-9_]{1,63}"
 )
+# A KServe InferenceService: ``name`` (KServe's IsvcNameFmt, kserve/kserve pkg/apis/serving/
+# v1beta1/inference_service_validation.go, v0.20.0) or ``namespace/name`` (a DNS-1123 label).
+_INFERENCE_SERVICE = re.compile(
+    r"(?:[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/)?[a-z]([-a-z0-9]*[a-z0-9])?"
+)
 
 
 def check_gpu_type(value: object) -> str:
@@ -102,6 +107,12 @@ def check_arguments(
         check_gpu_type(args["gpu_type"])
     if "gpu_count" in args:
         check_gpu_count(args["gpu_count"])
+    service = args.get("inference_service", "")
+    if service and not (isinstance(service, str) and _INFERENCE_SERVICE.fullmatch(service)):
+        raise ConfigError(
+            f"inference_service {service!r} must be a KServe InferenceService as name or "
+            "namespace/name (lower-case letters, digits and '-'), or empty for none"
+        )
     margin = args.get("min_improvement", 0.0)
     if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 <= margin <= 1:
         raise ConfigError(f"min_improvement {margin!r} must be a number from 0 to 1")

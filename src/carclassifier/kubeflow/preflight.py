@@ -19,6 +19,7 @@ from typing import Any, TextIO
 from carclassifier.errors import one_line
 from carclassifier.kubeflow import cluster, kfp_versions
 from carclassifier.kubeflow.kfp_api import KfpConnection, connect, describe_error, kfp_session
+from carclassifier.kubeflow.kserve import kube_client
 from carclassifier.kubeflow.package import (
     PipelinePackage,
     SubmitError,
@@ -261,7 +262,7 @@ def preflight(args: argparse.Namespace, environ: Mapping[str, str]) -> list[Chec
     def kubernetes_checks() -> list[Check]:
         from kubernetes import client
 
-        core = client.CoreV1Api(_kube_client(args.kube_context, environ.get("KUBECONFIG")))
+        core = client.CoreV1Api(kube_client(args.kube_context, environ.get("KUBECONFIG")))
         found = check_identity(core, namespace, args.service_account)
         found += check_secrets(core, namespace, package, merged, wi=found[0].ok is True)
         return found + check_gpu_nodes(core, package, int(merged.get("gpu_count") or 1))
@@ -277,18 +278,6 @@ def preflight(args: argparse.Namespace, environ: Mapping[str, str]) -> list[Chec
     for image in sorted(package.images):
         checks += _try(lambda i=image: Check(*image_exists(i)), f"image {image}")
     return checks
-
-
-def _kube_client(context: str | None, config_file: str | None) -> Any:
-    """A kubernetes ApiClient from the kubeconfig (``$KUBECONFIG`` or ~/.kube/config), else
-    the pod's in-cluster account."""
-    from kubernetes import client, config
-
-    try:
-        return config.new_client_from_config(config_file=config_file, context=context)
-    except config.ConfigException:
-        config.load_incluster_config()
-        return client.ApiClient()
 
 
 def add_command(commands: Any, environ: Mapping[str, str]) -> None:
