@@ -162,3 +162,57 @@ def test_an_extra_source_on_gcs_is_downloaded_and_used(tmp_path, bucket):
     assert len(web) == 6 and all(p.startswith("../out/extra/web/") for p in web["path"])
     table = json.loads((out / "validation-web.json").read_text())
     assert table["usable"] == 6
+
+
+def test_make_inputs_draws_by_source_weight_and_keeps_todays_order_at_weight_one(tmp_path):
+    from carclassifier.inputs import make_inputs
+
+    primary = _primary(tmp_path / "cars")
+    frame = pd.DataFrame(
+        {"path": [f"{c}/p{i}.jpg" for c in ("audi", "bmw") for i in range(5)],
+         "label": [0] * 5 + [1] * 5}
+    )  # fmt: skip
+    mixed = frame.assign(source=["primary"] * 6 + ["web"] * 4)
+
+    def order(frame: pd.DataFrame, weight: float) -> np.ndarray:
+        config = _config(tmp_path, primary, [_source(tmp_path, weight=weight)])
+        config = config.model_copy(
+            update={"input": config.input.model_copy(update={"pipeline": "image_data_augmentor"})}
+        )
+        return make_inputs(config, primary, frame, ["audi", "bmw"], training=True).index_array
+
+    today = order(frame, 1.0)
+    assert np.array_equal(today, np.random.default_rng([42, 0]).permutation(10))
+    assert np.array_equal(order(mixed, 1.0), today)
+    weighted = order(mixed, 50.0)
+    assert not np.array_equal(weighted, today) and np.mean(weighted >= 6) > 0.8
+
+
+def test_the_dataset_artifact_carries_the_extra_source_and_the_eda_shows_it(tmp_path, monkeypatch):
+    from carclassifier import artifacts, steps
+    from carclassifier.config import dump_config
+
+    monkeypatch.setenv(artifacts.SCRATCH_ENV, str(tmp_path / "scratch"))
+    primary, extra = _primary(tmp_path / "cars"), _extra(tmp_path / "web")
+    config = _config(tmp_path, primary, [_source(extra)])
+    artifact = tmp_path / "artifact"
+    manifest = steps.prepare_step(dump_config(config), [], str(primary), str(artifact))
+    assert [(s["source"], s["train"], s["unmapped"]) for s in manifest["extra_sources"]] == [
+        ("web", 6, 3)
+    ]
+    assert not (artifact / "extra").exists() and (artifact / "sources.csv").is_file()
+    _, prepared, _ = artifacts.load_dataset_artifact(str(artifact))
+    web = prepared.subset("train").query("source == 'web'")
+    assert len(web) == 6 and all(p.startswith("../extra/web/") for p in web["path"])
+    assert all((prepared.dataset.root / p).is_file() for p in web["path"])
+    again = steps.prepare_step(
+        dump_config(_config(tmp_path, primary, [_source(extra, weight=3.0)])), [], str(primary),
+        str(tmp_path / "artifact2"),
+    )  # fmt: skip
+    assert again["data_version"] != manifest["data_version"]
+    assert again["run_key"] != manifest["run_key"]
+
+    page = tmp_path / "eda.html"
+    steps.eda_step(str(artifact), str(page))
+    text = page.read_text(encoding="utf-8")
+    assert '<table id="sources">' in text and "Citroen:3" in text and 'alt="sources"' in text

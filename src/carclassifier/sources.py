@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -75,14 +76,13 @@ class ExtraData:
 
 
 def local_root(source: ExtraSource, out_dir: str | Path) -> Path:
-    """The source's folder: ``root`` itself, or for a gs:// prefix its copy in
-    ``<out_dir>/extra/<name>`` (downloaded once)."""
+    """The source's folder: ``root`` itself, or for a gs:// prefix a fresh copy in
+    ``<out_dir>/extra/<name>`` (what was there before is replaced)."""
     if not storage.is_gcs_uri(source.root):
         return Path(source.root)
     target = Path(out_dir) / EXTRA_DIR / source.name
-    if not target.is_dir() or not any(target.iterdir()):
-        storage.download_tree(source.root, target)
-    return target
+    shutil.rmtree(target, ignore_errors=True)
+    return storage.download_tree(source.root, target)
 
 
 def check_class_map(source: ExtraSource, ours: Sequence[str], theirs: Sequence[str]) -> None:
