@@ -211,6 +211,13 @@ def test_the_dataset_artifact_carries_the_extra_source_and_the_eda_shows_it(tmp_
     )  # fmt: skip
     assert again["data_version"] != manifest["data_version"]
     assert again["run_key"] != manifest["run_key"]
+    from carclassifier.stages import stage_fingerprint
+
+    heavier = _config(tmp_path, primary, [_source(extra, weight=3.0)])
+    stage = config.stages[0]
+    assert stage_fingerprint(config, stage, prepared, None) != stage_fingerprint(
+        heavier, stage, prepared, None
+    )  # a finished stage is not taken for one trained with other draws
 
     page = tmp_path / "eda.html"
     steps.eda_step(str(artifact), str(page))
