@@ -174,18 +174,22 @@ def test_make_inputs_draws_by_source_weight_and_keeps_todays_order_at_weight_one
     )  # fmt: skip
     mixed = frame.assign(source=["primary"] * 6 + ["web"] * 4)
 
-    def order(frame: pd.DataFrame, weight: float) -> np.ndarray:
+    def inputs(frame: pd.DataFrame, weight: float, pipeline: str = "image_data_augmentor"):
         config = _config(tmp_path, primary, [_source(tmp_path, weight=weight)])
-        config = config.model_copy(
-            update={"input": config.input.model_copy(update={"pipeline": "image_data_augmentor"})}
-        )
-        return make_inputs(config, primary, frame, ["audi", "bmw"], training=True).index_array
+        changes = {"pipeline": pipeline, "batch_size": 10}
+        config = config.model_copy(update={"input": config.input.model_copy(update=changes)})
+        return make_inputs(config, primary, frame, ["audi", "bmw"], training=True)
 
-    today = order(frame, 1.0)
+    today = inputs(frame, 1.0).index_array
     assert np.array_equal(today, np.random.default_rng([42, 0]).permutation(10))
-    assert np.array_equal(order(mixed, 1.0), today)
-    weighted = order(mixed, 50.0)
-    assert not np.array_equal(weighted, today) and np.mean(weighted >= 6) > 0.8
+    assert np.array_equal(inputs(mixed, 1.0).index_array, today)
+    weighted = inputs(mixed, 50.0)
+    assert not np.array_equal(weighted.index_array, today)
+    assert np.mean(weighted.index_array >= 6) > 0.8
+    # the tf.data pipeline draws the same photos (labels: web photos 6-9 are all bmw)
+    images, labels = next(iter(inputs(mixed, 50.0, "tf_data")))
+    assert np.array_equal(labels.numpy(), weighted[0][1])
+    assert np.allclose(images.numpy(), weighted[0][0])
 
 
 def test_the_dataset_artifact_carries_the_extra_source_and_the_eda_shows_it(tmp_path, monkeypatch):
