@@ -5,10 +5,13 @@ The Dataset artifact written by `carclassifier.steps.prepare_step` is the hand-o
     <dataset>/shards/images-NNNNN.tar, index.json
                                  the images, packed by `carclassifier.shards`: the tars hold
                                  data/... (the dataset in its own layout: Kaggle, labels.csv,
-                                 folders) and test/... (unlabelled test images, when they came
-                                 from outside data/)
+                                 folders), extra/<name>/... (each extra source, as read) and
+                                 test/... (unlabelled test images, when they came from outside
+                                 data/)
     <dataset>/config.yaml        the effective config (recipe YAML + overrides + parameters)
-    <dataset>/split.csv          the train/validation split every stage uses
+    <dataset>/split.csv          the train/validation split every stage uses (extra sources'
+                                 photos, training only, under extra/<name>/ in the shards)
+    <dataset>/sources.csv        with data.extra_sources: photos per source (carclassifier.sources)
     <dataset>/validation.json    the validation report; usable.csv, excluded.csv: its tables
     <dataset>/dataset.json       manifest: run key, class names, test folder, counts
 
@@ -72,7 +75,15 @@ def make_run_key(config: RunConfig, prepared: PreparedData) -> str:
     neutral = config.model_copy(
         update={
             "output_dir": "",
-            "data": config.data.model_copy(update={"root": None, "test_dir": None}),
+            "data": config.data.model_copy(
+                update={
+                    "root": None,
+                    "test_dir": None,
+                    "extra_sources": [
+                        s.model_copy(update={"root": ""}) for s in config.data.extra_sources
+                    ],
+                }
+            ),
         }
     )
     digest = hashlib.sha256(dump_config(neutral).encode())

@@ -79,6 +79,8 @@ def cmd_eda(args: argparse.Namespace) -> None:
         config.augment,
         config.input.image_size,
         seed=config.data.seed,
+        sources=prepared.sources,
+        split=prepared.split,
     )
     print(f"EDA report: {path}")
 

@@ -101,6 +101,50 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+PRIMARY_SOURCE = "primary"
+"""The ``source`` of the photos of ``data.root`` (split.csv, leaks.csv, the EDA report)."""
+_SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ExtraSource(_Section):
+    """More labelled photos for TRAINING only (`carclassifier.sources`): another dataset in one
+    of the layouts `carclassifier.data.load_dataset` reads, with its class names mapped to ours.
+    Photos of classes ``class_map`` does not name are dropped and counted."""
+
+    name: str = Field(
+        description="Short name: the photos' ``source`` in split.csv and the EDA report; a "
+        "folder name (letters, digits, '_', '-', '.'), unique, not 'primary'."
+    )
+    root: str = Field(description="The source's folder, or a gs://BUCKET/PATH prefix.")
+    layout: Literal["kaggle", "labels_csv", "folders"] | None = Field(
+        None, description="Its layout; None: detected as for data.root."
+    )
+    class_map: dict[str, str] = Field(
+        min_length=1,
+        description="Their class name -> our class name (a class of data.root); photos of "
+        "their other classes are dropped (counted in sources.csv and the log).",
+    )
+    weight: float = Field(
+        1.0,
+        gt=0.0,
+        le=100.0,
+        description="How often each of its photos is drawn in a training epoch, relative to a "
+        "data.root photo (1.0: as often; 2.0: twice as often; 0.5: half as often).",
+    )
+
+    _root = field_validator("root")(_location_or_none("data.extra_sources[].root"))
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if value == PRIMARY_SOURCE or not _SOURCE_NAME.match(value):
+            raise ValueError(
+                f"extra source name {value!r} must be 1-64 letters, digits, '_', '-' or '.' "
+                f"(starting with a letter or digit) and not {PRIMARY_SOURCE!r}"
+            )
+        return value
+
+
 class DataConfig(_Section):
     """Where the images are and how they are split."""
 
@@ -125,7 +169,23 @@ class DataConfig(_Section):
         "of validation or test photos (perceptual hash, carclassifier.lineage).",
     )
 
+    extra_sources: list[ExtraSource] = Field(
+        default_factory=list,
+        description="More labelled datasets for training only (never validation): their "
+        "classes mapped to ours, near-duplicates of validation/test photos left out "
+        "(data.leak_check), drawn per epoch by weight (carclassifier.sources).",
+    )
+
     _root = field_validator("root")(_location_or_none("data.root"))
+
+    @field_validator("extra_sources")
+    @classmethod
+    def _unique_sources(cls, value: list[ExtraSource]) -> list[ExtraSource]:
+        names = [source.name for source in value]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"extra source name(s) {repeated} are used twice; names are unique")
+        return value
 
 
 def _default_train_transforms() -> list[TransformSpec]:

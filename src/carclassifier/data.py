@@ -8,7 +8,9 @@ Layouts understood by `load_dataset`:
 - **folders**: one subfolder per class (labels in alphabetical order of the folder names).
 
 Every record keeps the image path *relative to the root*, so a split written here is valid in
-any pod that has the same dataset at another place.
+any pod that has the same dataset at another place. The split's ``source`` column says where
+each photo came from (``primary``, or an extra source of `carclassifier.sources`, whose photos
+are training-only and whose paths lead from the root to the source's folder).
 """
 
 from __future__ import annotations
@@ -26,12 +28,16 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from carclassifier.config import PRIMARY_SOURCE
 from carclassifier.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 RECORD_COLUMNS = ["id", "path", "label", "class_name"]
+SOURCE_COLUMN = "source"
+"""split.csv's column naming where a photo came from: ``primary`` (data.root) or an extra
+source's name (`carclassifier.sources`)."""
 TEST_DIR_NAMES = ("test_upload", "test")
 MAX_IMAGE_PIXELS = 80_000_000  # larger images are excluded: decompression-bomb guard
 
@@ -337,19 +343,38 @@ def _load_folders(root: Path) -> Dataset:
     )
 
 
-def load_dataset(root: str | Path) -> Dataset:
-    """Read a dataset folder in any supported layout (see the module docstring)."""
+LAYOUT_FILES = {"kaggle": "train.csv", "labels_csv": "labels.csv"}
+"""The file that marks a layout (class folders have none)."""
+
+
+def detect_layout(root: Path) -> Layout:
+    """The layout of a dataset folder: ``train.csv`` = kaggle, ``labels.csv`` = labels_csv,
+    else folders."""
+    for layout, name in LAYOUT_FILES.items():
+        if (root / name).is_file():
+            return layout  # type: ignore[return-value]
+    return "folders"
+
+
+def load_dataset(
+    root: str | Path, layout: Layout | None = None, what: str = "pass --data DIR or set data.root"
+) -> Dataset:
+    """Read a dataset folder in any supported layout (see the module docstring). ``layout``:
+    the one expected (a different one fails, saying what was found); None: detected.
+    ``what``: how to fix a missing folder, for the error message."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist; {what}")
+    found = detect_layout(root)
+    if layout is not None and layout != found:
+        marker = LAYOUT_FILES.get(layout)
         raise DatasetError(
-            f"dataset folder {root} does not exist; pass --data DIR or set data.root"
+            f"{root} is not in the {layout} layout ("
+            + (f"no {marker}" if marker else f"it has {LAYOUT_FILES[found]}")
+            + f"; it looks like {found}): fix the layout setting or the folder"
         )
-    if (root / "train.csv").is_file():
-        dataset = _load_kaggle(root)
-    elif (root / "labels.csv").is_file():
-        dataset = _load_labels_csv(root)
-    else:
-        dataset = _load_folders(root)
+    loaders = {"kaggle": _load_kaggle, "labels_csv": _load_labels_csv, "folders": _load_folders}
+    dataset = loaders[found](root)
     for name in dataset.class_names:
         if not (dataset.records["class_name"] == name).any():
             dataset.findings.append(
@@ -603,11 +628,14 @@ def load_image(path: str | Path, target_size: tuple[int, int]) -> np.ndarray:
 
 def make_split(records: pd.DataFrame, val_fraction: float = 0.2, seed: int = 42) -> pd.DataFrame:
     """Stratified train/validation split: each class keeps ``val_fraction`` of its images for
-    validation (at least one when it has two or more). Adds a ``subset`` column; deterministic."""
+    validation (at least one when it has two or more). Adds a ``subset`` column, and a
+    ``source`` column (``primary``) when ``records`` has none; deterministic."""
     if not 0.0 < val_fraction < 1.0:
         raise DatasetError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     frame = records.sort_values(["label", "path"]).reset_index(drop=True)
     frame["subset"] = "train"
+    if SOURCE_COLUMN not in frame:
+        frame[SOURCE_COLUMN] = PRIMARY_SOURCE
     for _, group in frame.groupby("label"):
         n = len(group)
         n_val = min(max(round(n * val_fraction), 1 if n >= 2 else 0), n - 1) if n else 0
@@ -620,13 +648,17 @@ def write_split(split: pd.DataFrame, path: str | Path) -> Path:
     """Write a split as CSV (paths relative to the dataset root)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    split[[*RECORD_COLUMNS, "subset"]].to_csv(path, index=False)
+    frame = split if SOURCE_COLUMN in split else split.assign(**{SOURCE_COLUMN: PRIMARY_SOURCE})
+    frame[[*RECORD_COLUMNS, "subset", SOURCE_COLUMN]].to_csv(path, index=False)
     return path
 
 
 def read_split(path: str | Path) -> pd.DataFrame:
-    """Read a split written by `write_split`."""
+    """Read a split written by `write_split` (one written before extra sources existed, without
+    a ``source`` column, reads as all ``primary``)."""
     frame = _read_csv(Path(path), [*RECORD_COLUMNS, "subset"])
+    if SOURCE_COLUMN not in frame:
+        frame[SOURCE_COLUMN] = PRIMARY_SOURCE
     return frame.astype({"label": int})
 
 

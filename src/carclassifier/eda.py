@@ -22,8 +22,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 from carclassifier.augment import train_transform
-from carclassifier.config import AugmentConfig
-from carclassifier.data import Finding, ValidationReport, load_image
+from carclassifier.config import PRIMARY_SOURCE, AugmentConfig
+from carclassifier.data import SOURCE_COLUMN, Finding, ValidationReport, load_image
 from carclassifier.reports import png_data_uri
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,34 @@ def plot_class_balance(report: ValidationReport, path: Path) -> Path:
     title += f" — imbalance max/min = {ratio:.2f}" if ratio else ""
     title += f" ({empty} class{'es' if empty > 1 else ''} empty)" if empty else ""
     ax.set_title(title, loc="left", fontsize=12)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _save(fig, path)
+
+
+def plot_sources(split: pd.DataFrame, class_names: list[str], path: Path) -> Path:
+    """Horizontal bars of the split's photos per class, one colour per source (``primary``
+    first, then the extra sources), validation photos (primary only) hatched."""
+    names = [f"{name} ({label})" for label, name in enumerate(class_names)]
+    sources = [PRIMARY_SOURCE] + sorted(set(split[SOURCE_COLUMN]) - {PRIMARY_SOURCE})
+    fig = Figure(figsize=(9, 1.6 + 0.38 * max(len(names), 1)), layout="constrained")
+    ax = fig.add_subplot()
+    left = np.zeros(len(names))
+    colors = _colors(len(sources))
+    parts = [(source, "train") for source in sources] + [(PRIMARY_SOURCE, "val")]
+    for source, subset in parts:
+        rows = split[(split[SOURCE_COLUMN] == source) & (split["subset"] == subset)]
+        counts = rows["label"].astype(int).value_counts()
+        values = np.array([counts.get(i, 0) for i in range(len(names))], dtype=float)
+        ax.barh(range(len(names)), values, left=left, label=_mpl(f"{source} ({subset})"),
+                color=colors[sources.index(source)], hatch="//" if subset == "val" else None,
+                edgecolor="white")  # fmt: skip
+        left += values
+    ax.set_yticks(range(len(names)), [_mpl(n) for n in names])
+    ax.invert_yaxis()
+    ax.set_xlabel("photos in split.csv")
+    ax.legend(loc="lower right", fontsize=9, frameon=False)
+    ax.set_title("Photos per class by source (training; validation hatched)", loc="left",
+                 fontsize=12)  # fmt: skip
     ax.spines[["top", "right"]].set_visible(False)
     return _save(fig, path)
 
@@ -330,6 +358,45 @@ def _class_rows(report: ValidationReport) -> list[str]:
     ]
 
 
+def _source_rows(sources: pd.DataFrame) -> list[str]:
+    """One row per source of `carclassifier.sources.summary` (sources.csv)."""
+    rows = []
+    for row in sources.to_dict(orient="records"):
+        unmapped = f"{row['unmapped']}" + (
+            f" ({row['unmapped_classes']})" if row.get("unmapped_classes") else ""
+        )
+        cells = [
+            f"<td>{E(str(row['source']))}</td>",
+            f'<td class="path">{E(str(row["root"]))}</td>',
+            f"<td>{E(str(row['layout']))}</td>",
+            f'<td class="num">{float(row["weight"]):g}</td>',
+            *(f'<td class="num">{int(row[k])}</td>' for k in ("listed",)),
+            f'<td class="num">{E(unmapped)}</td>',
+            *(
+                f'<td class="num">{int(row[k])}</td>'
+                for k in ("excluded", "leaked", "train", "val")
+            ),
+        ]
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    return rows
+
+
+def _sources_section(sources: pd.DataFrame | None) -> str:
+    if sources is None:
+        return ""
+    head = ["source", "root", "layout", "#weight", "#listed", "#dropped (unmapped)", "#excluded",
+            "#leaks left out", "#train", "#val"]  # fmt: skip
+    return (
+        "<h2>Sources</h2>"
+        + _table(head, _source_rows(sources), 'id="sources"')
+        + '<p class="note">Extra sources (data.extra_sources) add training photos only; photos '
+        "of classes their class_map does not name are dropped, near-duplicates of validation "
+        "or test photos are left out (leaks.csv); weight: how often each photo is drawn per "
+        "epoch relative to a primary photo. The cards and figures above and below describe the "
+        "primary data.</p>"
+    )
+
+
 def _stats_rows(usable: pd.DataFrame) -> list[str]:
     if usable.empty:
         return ['<tr><td colspan="4">no usable images</td></tr>']
@@ -385,8 +452,13 @@ def _more(total: int, cap: int, what: str) -> str:
     return f'<p class="note">… and {total - cap} more {what} (see validation.json).</p>'
 
 
-def render_html(report: ValidationReport, figures: dict[str, tuple[Path, str]]) -> str:
-    """The EDA page: summary cards, class table, figures, image statistics, findings, exclusions."""
+def render_html(
+    report: ValidationReport,
+    figures: dict[str, tuple[Path, str]],
+    sources: pd.DataFrame | None = None,
+) -> str:
+    """The EDA page: summary cards, class table, the sources table (``sources``: sources.csv,
+    with extra sources), figures, image statistics, findings, exclusions."""
     ds, usable = report.dataset, report.usable
     ratio, empty = _imbalance(report.class_counts)
     errors = sum(f.severity == "error" for f in report.findings)
@@ -450,6 +522,7 @@ generated {datetime.now():%Y-%m-%d %H:%M}</p>
             'id="classes"',
         )
     }
+{_sources_section(sources)}
 <h2>Figures</h2>{figs}
 <h2>Image statistics</h2>
 {_table(["", "#min", "#median", "#max"], _stats_rows(usable), 'id="stats"')}
@@ -470,8 +543,13 @@ def write_eda_report(
     augmented_images: int = 3,
     augmented_views: int = 5,
     seed: int = 0,
+    sources: pd.DataFrame | None = None,
+    split: pd.DataFrame | None = None,
 ) -> Path:
     """Write the five EDA figures (PNG) and ``eda.html`` (figures embedded) into ``out_dir``.
+
+    With extra sources, ``sources`` (`carclassifier.sources.summary`, sources.csv) adds the
+    per-source table, and ``split`` (split.csv) the ``sources`` figure: photos per class by source.
 
     ``augment`` defaults to `AugmentConfig()`; the augmentation figure uses
     ``train_transform(augment, image_size, seed)``. Returns the path of ``eda.html``.
@@ -513,7 +591,12 @@ def write_eda_report(
             "of the training augmentation.",
         ),
     }
+    if sources is not None and split is not None:
+        figures["sources"] = (
+            plot_sources(split, report.dataset.class_names, out / "sources.png"),
+            "Photos of split.csv per class and source: extra sources train only.",
+        )
     path = out / "eda.html"
-    path.write_text(render_html(report, figures), encoding="utf-8")
+    path.write_text(render_html(report, figures, sources), encoding="utf-8")
     log.info("EDA: wrote %s", path)
     return path

@@ -33,6 +33,7 @@ import tensorflow as tf
 from carclassifier.augment import train_transform, val_transform
 from carclassifier.config import RunConfig
 from carclassifier.data import is_image_name, load_image
+from carclassifier.sources import sampling_weights
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +46,27 @@ def example_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0])
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    """The order of the ``n`` examples in ``epoch``: a permutation seeded by (seed, epoch)."""
+def epoch_order(
+    n: int, seed: int, epoch: int, shuffle: bool = True, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """The order of the ``n`` examples in ``epoch``: a permutation seeded by (seed, epoch).
+
+    ``weights`` (one per example, e.g. `carclassifier.sources.sampling_weights`): instead, ``n``
+    draws with replacement, example ``i`` with probability ``weights[i] / sum(weights)``, seeded
+    the same way (an epoch keeps its length; a photo of weight 2 comes twice as often as one of
+    weight 1). None or all-equal weights give the plain permutation, bit for bit.
+    """
     if not shuffle:
         return np.arange(n)
-    return np.random.default_rng([seed, epoch]).permutation(n)
+    rng = np.random.default_rng([seed, epoch])
+    if weights is None:
+        return rng.permutation(n)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (n,) or not np.all(np.isfinite(w)) or np.any(w <= 0):
+        raise ValueError(f"weights must be {n} finite values > 0, got shape {w.shape}")
+    if np.all(w == w[0]):
+        return rng.permutation(n)
+    return rng.choice(n, size=n, replace=True, p=w / w.sum())
 
 
 def batches_per_epoch(n: int, batch_size: int) -> int:
@@ -187,6 +204,7 @@ class DataFrameIterator(keras.utils.PyDataset):
     (seed, e) only: order `epoch_order`, augmentation seeded per example by `example_seed`.
     ``initial_step``: the first epoch starts at that batch (a resumed mid-epoch checkpoint); its
     batches are the uninterrupted epoch's from there on, and nothing before is made.
+    ``weights``: per-example draw weights (`epoch_order`).
     """
 
     def __init__(
@@ -205,6 +223,7 @@ class DataFrameIterator(keras.utils.PyDataset):
         initial_epoch: int = 0,
         cache: bool = False,
         initial_step: int = 0,
+        weights: np.ndarray | None = None,
     ) -> None:
         super().__init__(
             workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=max_queue_size
@@ -219,6 +238,7 @@ class DataFrameIterator(keras.utils.PyDataset):
         self.seed = int(np.random.default_rng().integers(2**63)) if seed is None else seed
         self.class_mode = class_mode
         self.epoch = initial_epoch
+        self.weights = weights
         self.index_array = self._order()
         self.offset = _check_step(initial_step, batches_per_epoch(self.n, batch_size))
         self._in_epoch = False
@@ -243,7 +263,7 @@ class DataFrameIterator(keras.utils.PyDataset):
         return len(self.class_indices)
 
     def _order(self) -> np.ndarray:
-        return epoch_order(self.n, self.seed, self.epoch, self.shuffle)
+        return epoch_order(self.n, self.seed, self.epoch, self.shuffle, self.weights)
 
     def __len__(self) -> int:
         return batches_per_epoch(self.n, self.batch_size) - self.offset
@@ -328,10 +348,11 @@ class ImageDataAugmentor:
         initial_epoch: int = 0,
         cache: bool = False,
         initial_step: int = 0,
+        weights: np.ndarray | None = None,
     ) -> DataFrameIterator:
         """Batches from ``dataframe[x_col]`` (paths, relative to ``directory`` if given), starting
         at batch ``initial_step`` of epoch ``initial_epoch``; ``cache`` keeps decoded images in
-        memory between epochs."""
+        memory between epochs; ``weights``: per-row draw weights (`epoch_order`)."""
         for column in (x_col, y_col):
             if column not in dataframe.columns:
                 raise ValueError(
@@ -356,6 +377,7 @@ class ImageDataAugmentor:
             initial_epoch,
             cache,
             initial_step,
+            weights,
         )
 
     def flow_from_directory(
@@ -398,6 +420,7 @@ def make_tf_dataset(
     num_parallel_calls: int | None = None,
     cache: bool = False,
     initial_step: int = 0,
+    weights: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """A tf.data pipeline with the same batches as `DataFrameIterator`.
 
@@ -408,7 +431,7 @@ def make_tf_dataset(
     ``model.fit`` ``steps_per_epoch=batches_per_epoch(n, batch_size)``); else the single epoch
     ``initial_epoch``. ``initial_step``: the first epoch starts at that batch (resuming a
     mid-epoch checkpoint); the batches before it are skipped as index lists, before any image
-    is loaded.
+    is loaded. ``weights``: per-example draw weights (`epoch_order`).
     """
     n = len(filepaths)
     if n == 0:
@@ -419,7 +442,7 @@ def make_tf_dataset(
     encoded = tf.constant(encode_labels(np.asarray(labels), num_classes, class_mode))
 
     def order(epoch: np.int64) -> np.ndarray:
-        return epoch_order(n, seed, int(epoch), shuffle).astype(np.int64)
+        return epoch_order(n, seed, int(epoch), shuffle, weights).astype(np.int64)
 
     def epoch_batches(epoch: tf.Tensor) -> tf.data.Dataset:
         indices = tf.numpy_function(order, [epoch], tf.int64, stateful=False)
@@ -467,11 +490,14 @@ def make_inputs(
     from its batch ``initial_step`` on (resume). Training with ``tf_data`` yields epochs without end: pass
     ``steps_per_epoch=batches_per_epoch(len(frame), batch_size)`` to ``model.fit``.
     The ``image_data_augmentor`` generator advances its epoch in ``on_epoch_end`` (Keras calls it).
+    Training photos are drawn by their source's weight (``data.extra_sources``,
+    `carclassifier.sources.sampling_weights`) when the weights differ.
     """
     size = config.input.image_size
     seed = config.data.seed
     transform = train_transform(config.augment, size, seed) if training else val_transform(size)
     cache = use_cache(config, len(frame))
+    weights = sampling_weights(frame, config.data.extra_sources) if training else None
     log.info("%s inputs: %d images at %d px, %s, decoded-image cache %s (%.0f MB)",
              "training" if training else "validation", len(frame), size, config.input.pipeline,
              "in memory" if cache else "off", cache_megabytes(len(frame), size))  # fmt: skip
@@ -492,6 +518,7 @@ def make_inputs(
             initial_epoch=initial_epoch,
             cache=cache,
             initial_step=initial_step,
+            weights=weights,
         )
     maker = ExampleMaker((size, size), transform)
     paths = [str(Path(root) / p) for p in frame["path"]]
@@ -509,4 +536,5 @@ def make_inputs(
         num_parallel_calls=config.input.workers,
         cache=cache,
         initial_step=initial_step,
+        weights=weights,
     )

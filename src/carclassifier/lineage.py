@@ -17,6 +17,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import imagehash
 import numpy as np
@@ -33,13 +34,40 @@ hash by at most 2 bits, a text watermark by at most 4; two different photos were
 bits apart (median 28). A crop of 5% per side moves it by ~14 bits: such copies are not caught."""
 
 
-def data_version(root: str | Path, paths: Sequence[str], labels: Sequence[object]) -> str:
-    """``sha256:<first 16 hex>`` over the sorted (path, label, file SHA-256) of the dataset."""
-    digest = hashlib.sha256()
+@dataclass(frozen=True)
+class SourcePhotos:
+    """An extra source's part of the data version: its name, what the run uses it with
+    (``spec``: weight and class map, as text) and its photos (relative to ``root``) and labels."""
+
+    name: str
+    spec: str
+    root: str | Path
+    paths: Sequence[str]
+    labels: Sequence[object]
+
+
+def _update(digest: Any, root: str | Path, paths: Sequence[str], labels: Sequence[object],
+            prefix: str = "") -> None:  # fmt: skip
     for path, label in sorted(zip(paths, (str(x) for x in labels), strict=True)):
         with open(Path(root) / path, "rb") as handle:
             content = hashlib.file_digest(handle, "sha256").hexdigest()
-        digest.update(f"{path}\t{label}\t{content}\n".encode())
+        digest.update(f"{prefix}{path}\t{label}\t{content}\n".encode())
+
+
+def data_version(
+    root: str | Path,
+    paths: Sequence[str],
+    labels: Sequence[object],
+    extra: Sequence[SourcePhotos] = (),
+) -> str:
+    """``sha256:<first 16 hex>`` over the sorted (path, label, file SHA-256) of the dataset,
+    then, per extra source (by name), its spec and its photos the same way; with no extra
+    source the version is the primary data's alone (what it was before extra sources)."""
+    digest = hashlib.sha256()
+    _update(digest, root, paths, labels)
+    for source in sorted(extra, key=lambda s: s.name):
+        digest.update(f"source\t{source.name}\t{source.spec}\n".encode())
+        _update(digest, source.root, source.paths, source.labels, f"{source.name}:")
     return f"sha256:{digest.hexdigest()[:16]}"
 
 
@@ -60,6 +88,7 @@ class Leak:
     held_out: str
     subset: str  # "val" or "test"
     distance: int
+    source: str = "primary"  # where the training photo came from (carclassifier.sources)
 
 
 def find_leaks(

@@ -78,7 +78,13 @@ def run_local(config: RunConfig, progress: bool = True) -> RunSummary:
     log.info("run-local: %d stages, outputs in %s", len(config.stages), out.resolve())
     prepared = validate_and_split(config, out, progress=progress)
     eda = write_eda_report(
-        prepared.report, out / "eda", config.augment, config.input.image_size, seed=config.data.seed
+        prepared.report,
+        out / "eda",
+        config.augment,
+        config.input.image_size,
+        seed=config.data.seed,
+        sources=prepared.sources,
+        split=prepared.split,
     )
     log.info("EDA report: %s", eda)
     results = train_recipe(config, prepared, str(out))

@@ -4,18 +4,21 @@ This is what `carclassifier prepare` and the pipeline's prepare step call; every
 reads the ``split.csv`` written here, so all stages train and validate on the very same images.
 Training photos that are near-duplicates of validation or test photos are left out of it and
 listed in ``leaks.csv``; the data version (`carclassifier.lineage`) names the photos used.
+Extra sources (``data.extra_sources``, `carclassifier.sources`) add training photos only; their
+per-source counts go to ``sources.csv``.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 
 from carclassifier.config import RunConfig, dump_config
 from carclassifier.data import (
+    SOURCE_COLUMN,
     Dataset,
     ValidationReport,
     is_image_name,
@@ -28,6 +31,8 @@ from carclassifier.data import (
 from carclassifier.demo_data import REAL_SAMPLES, demo_dataset_root, shared_dir
 from carclassifier.errors import DatasetError
 from carclassifier.lineage import Leak, data_version, find_leaks, without_leaks
+from carclassifier.sources import SOURCES_FILE, load_extra_sources
+from carclassifier.sources import summary as sources_summary
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,7 @@ class PreparedData:
     split_path: Path
     data_version: str | None = None  # carclassifier.lineage.data_version of the usable photos
     leaks: list[Leak] = field(default_factory=list)  # training photos left out (leaks.csv)
+    sources: pd.DataFrame | None = None  # with extra sources: sources.csv (sources.summary)
 
     def subset(self, name: str) -> pd.DataFrame:
         """Rows of the split in subset ``train`` or ``val``."""
@@ -78,7 +84,17 @@ def validate_and_split(
         log.info("%s", line)
     report.ensure_trainable(config.data.min_images_per_class)
     split = make_split(report.usable, config.data.val_fraction, config.data.seed)
-    version = data_version(dataset.root, report.usable["path"], report.usable["label"])
+    extras = load_extra_sources(
+        config.data.extra_sources, dataset, out, max(2, config.input.workers), progress
+    )
+    version = data_version(
+        dataset.root,
+        report.usable["path"],
+        report.usable["label"],
+        [x.version_part() for x in extras],
+    )
+    if extras:  # training only: appended after the primary split, which they do not change
+        split = pd.concat([split, *(x.records for x in extras)], ignore_index=True)
     leaks: list[Leak] = []
     if config.data.leak_check:
         leaks = _leaks(config, PreparedData(dataset, report, split, out / "split.csv"))
@@ -87,6 +103,16 @@ def validate_and_split(
         out / LEAKS_FILE, index=False
     )
     split_path = write_split(split, out / "split.csv")
+    table = sources_summary(report, split, extras, leaks) if extras else None
+    if table is not None:
+        table.to_csv(out / SOURCES_FILE, index=False)
+        for row in table.itertuples(index=False):
+            log.info(
+                "source %s: %d train / %d val; %d dropped as unmapped (%s), %d excluded, "
+                "%d leaks left out",
+                row.source, row.train, row.val, row.unmapped, row.unmapped_classes or "none",
+                row.excluded, row.leaked,
+            )  # fmt: skip
     counts = split["subset"].value_counts()
     log.info(
         "split: %d train / %d val images -> %s",
@@ -95,18 +121,21 @@ def validate_and_split(
         split_path,
     )
     log.info("data version %s", version)
-    return PreparedData(dataset, report, split, split_path, version, leaks)
+    return PreparedData(dataset, report, split, split_path, version, leaks, table)
 
 
 def _leaks(config: RunConfig, prepared: PreparedData) -> list[Leak]:
     """Training photos that are near-duplicates of a validation or test photo."""
     test = find_test_images(config, prepared)
     test_paths = sorted(str(p) for p in test.rglob("*") if is_image_name(p)) if test else []
-    return find_leaks(
+    train = prepared.subset("train")
+    source_of = dict(zip(train["path"], train[SOURCE_COLUMN], strict=True))
+    found = find_leaks(
         prepared.dataset.root,
-        list(prepared.subset("train")["path"]),
+        list(train["path"]),
         {"val": list(prepared.subset("val")["path"]), "test": test_paths},
     )
+    return [replace(x, source=source_of[x.train]) for x in found]
 
 
 def load_prepared(data_root: str | Path, split_csv: str | Path) -> PreparedData:
@@ -117,9 +146,12 @@ def load_prepared(data_root: str | Path, split_csv: str | Path) -> PreparedData:
     if missing:
         raise DatasetError(
             f"{len(missing)} image(s) of {split_csv} are not under {dataset.root} "
-            f"(e.g. {missing[:3]}); pass the dataset the split was made from"
+            f"(e.g. {missing[:3]}); pass the dataset the split was made from (and keep the "
+            "extra sources' folders where they were when it was made)"
         )
-    return PreparedData(dataset, None, split, Path(split_csv))
+    table = Path(split_csv).with_name(SOURCES_FILE)
+    sources = pd.read_csv(table, keep_default_na=False) if table.is_file() else None
+    return PreparedData(dataset, None, split, Path(split_csv), sources=sources)
 
 
 def find_test_images(config: RunConfig, prepared: PreparedData) -> Path | None:

@@ -187,7 +187,7 @@ def stage_fingerprint(
 ) -> str:
     """What makes two runs of a stage the same: the stage (batch size aside, so that a stage
     stopped by OOM can resume with a smaller one), model, augmentation, seed, image size, split,
-    classes and init model content."""
+    classes, init model content and the extra sources' draw weights."""
     split = prepared.split[[c for c in ("path", "label", "subset") if c in prepared.split]]
     parts = {
         "stage": stage.model_dump(mode="json", exclude={"batch_size"}),
@@ -200,6 +200,8 @@ def stage_fingerprint(
         "split": hashlib.sha256(split.to_csv(index=False).encode()).hexdigest(),
         "init": storage.content_id(init) if init else None,
     }
+    if config.data.extra_sources:  # their weights change the draws (absent: today's fingerprint)
+        parts["source_weights"] = {s.name: s.weight for s in config.data.extra_sources}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 

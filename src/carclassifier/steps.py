@@ -33,6 +33,7 @@ from carclassifier.artifacts import (
     EXPORT_DIR,
     MANIFEST,
     SHARD_DIR,
+    SPLIT_FILE,
     SUBMISSION_FILE,
     TEST_DIR,
     USABLE_FILE,
@@ -44,8 +45,8 @@ from carclassifier.artifacts import (
     with_data_root,
 )
 from carclassifier.budget import check_budget
-from carclassifier.config import RunConfig, load_config, resolve_config
-from carclassifier.data import Finding, ValidationReport, load_dataset
+from carclassifier.config import PRIMARY_SOURCE, RunConfig, load_config, resolve_config
+from carclassifier.data import Finding, ValidationReport, load_dataset, read_split
 from carclassifier.demo_data import demo_dataset_root
 from carclassifier.errors import DatasetError
 from carclassifier.kaggle_data import download_competition
@@ -56,6 +57,7 @@ from carclassifier.prepare import PreparedData, find_test_images, validate_and_s
 # augment, robustness, gate, deploy) are imported inside the steps that use them: the compiler
 # imports this module (GCS_KEY_FILE_ENV), and each step's pod loads only what its step needs.
 from carclassifier.run_summary import gpu_minutes, run_record
+from carclassifier.sources import EXTRA_DIR, SOURCES_FILE
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +177,7 @@ def prepare_step(
     data = out / DATA_DIR
     data.mkdir(parents=True, exist_ok=True)
     source = _fetch_data(data_source, config, data)
+    config = _fetch_extra_sources(config, out / EXTRA_DIR)
     prepared = validate_and_split(with_data_root(config, data), out, progress=False)
     assert prepared.report is not None  # a fresh prepare always has its report
     prepared.report.usable.to_csv(out / USABLE_FILE, index=False)
@@ -182,7 +185,7 @@ def prepare_step(
 
     demo = source == DEMO_SOURCE
     test_dir = _copy_test_images(config if demo else with_data_root(config, data), prepared, out)
-    folders = [DATA_DIR] + ([TEST_DIR] if (out / TEST_DIR).is_dir() else [])
+    folders = [DATA_DIR] + [name for name in (EXTRA_DIR, TEST_DIR) if (out / name).is_dir()]
     packed = shards.write_shards(out, folders, out / SHARD_DIR)
     for folder in folders:
         shutil.rmtree(out / folder)  # the shards hold them; one object per image is what we avoid
@@ -198,6 +201,7 @@ def prepare_step(
         "excluded_images": len(prepared.report.excluded),
         "leaked_images": len({leak.train for leak in prepared.leaks}),
         "data_version": prepared.data_version,
+        "extra_sources": [] if prepared.sources is None else _source_rows(prepared.sources),
         "test_dir": test_dir,
         "stages": [stage.name for stage in config.stages],
         "shards": len(packed),
@@ -212,6 +216,32 @@ def prepare_step(
             record = {"run_dir": folder, "run_key": manifest["run_key"]}
             storage.write_text(run_record(checkpoint_root, run_id), json.dumps(record))
     return manifest
+
+
+def _fetch_extra_sources(config: RunConfig, dest: Path) -> RunConfig:
+    """Copy every extra source (a folder or gs:// prefix) into ``dest/<name>``, so the Dataset
+    artifact carries their photos (split.csv reaches them as ``../extra/<name>/...`` from
+    ``data/``); returns ``config`` with their roots there."""
+    moved = []
+    for extra in config.data.extra_sources:
+        if not storage.is_gcs_uri(extra.root) and not Path(extra.root).is_dir():
+            raise DatasetError(
+                f"data.extra_sources {extra.name!r}: root {extra.root} is neither a gs:// "
+                "prefix nor an existing folder; fix its root"
+            )
+        storage.download_tree(extra.root, dest / extra.name)
+        moved.append(extra.model_copy(update={"root": str(dest / extra.name)}))
+    if not moved:
+        return config
+    return config.model_copy(
+        update={"data": config.data.model_copy(update={"extra_sources": moved})}
+    )
+
+
+def _source_rows(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """The manifest's ``extra_sources``: sources.csv's rows of the extra sources."""
+    rows = table[table["source"] != PRIMARY_SOURCE].to_dict(orient="records")
+    return [{k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()} for row in rows]
 
 
 def _copy_test_images(config: RunConfig, prepared: PreparedData, out: Path) -> str | None:
@@ -250,10 +280,13 @@ def eda_step(dataset_dir: str, report_html: str) -> dict[str, Any]:
         pd.read_csv(out / EXCLUDED_FILE, dtype=text, keep_default_na=False),
         [Finding(**f) for f in validation["findings"]],
     )
+    sources = out / SOURCES_FILE
     with tempfile.TemporaryDirectory() as tmp:
         page = write_eda_report(
-            report, tmp, config.augment, config.input.image_size, seed=config.data.seed
-        )
+            report, tmp, config.augment, config.input.image_size, seed=config.data.seed,
+            sources=pd.read_csv(sources, keep_default_na=False) if sources.is_file() else None,
+            split=read_split(out / SPLIT_FILE),
+        )  # fmt: skip
         Path(report_html).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(page, report_html)
     counts = [n for n in report.class_counts.values() if n > 0]
