@@ -288,8 +288,8 @@ class AugmentConfig(_Section):
         if train != preset:
             raise ValueError(
                 f"train is given and differs from preset {name!r}'s list; give one of the two: "
-                "remove augment.preset to use your train list, or remove augment.train to use "
-                "the preset"
+                "remove augment.preset (or set augment.preset=null) to use your train list, or "
+                "remove augment.train to use the preset"
             )
         return data
 
