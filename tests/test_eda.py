@@ -1,4 +1,4 @@
-"""The EDA report: five PNG figures and one self-contained, escaped HTML page."""
+"""The EDA report: its PNG figures (one per augmentation preset among them) and one self-contained, escaped HTML page."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from carclassifier.data import Finding, ValidationReport, load_dataset, validate_dataset
 from carclassifier.config import AUGMENT_PRESETS
+from carclassifier.data import Finding, ValidationReport, load_dataset, validate_dataset
 from carclassifier.eda import FIGURES, MAX_FINDING_ROWS, render_html, write_eda_report
 
 EVIL = "<script>alert(1)<script>.jpg"  # a legal file name on Linux; must never reach HTML raw
