@@ -1,4 +1,4 @@
-"""The EDA report: its PNG figures (one per augmentation preset among them) and one self-contained, escaped HTML page."""
+"""The EDA report: PNG figures (one per augmentation preset too), one self-contained HTML page."""
 
 from __future__ import annotations
 
