@@ -33,7 +33,7 @@ from benchmarks.common import environment, write_results  # noqa: E402
 from carclassifier.augment import build_transform  # noqa: E402
 from carclassifier.config import RunConfig, TransformSpec, load_config  # noqa: E402
 from carclassifier.data import load_image  # noqa: E402
-from carclassifier.prepare import PreparedData, prepare_data  # noqa: E402
+from carclassifier.prepare import PreparedData, validate_and_split  # noqa: E402
 from carclassifier.stages import load_model, train_recipe  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parents[1] / "configs" / "recipe_lite0_local.yaml"
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     env_before = environment()
     base = recipe(args.backbones[0], args.image_size, args.head_epochs, args.full_epochs)
     base = base.model_copy(update={"output_dir": str(args.runs)})
-    prepared = prepare_data(base, args.runs / "prepare", progress=False)
+    prepared = validate_and_split(base, args.runs / "prepare", progress=False)
     rows = []
     for backbone in args.backbones:
         row = measure(

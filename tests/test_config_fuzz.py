@@ -27,7 +27,7 @@ SETTINGS = settings(
 # Keys that exist, so that many examples get past "unknown key" into the value checks.
 SECTIONS = {
     "data": ["root", "test_dir", "val_fraction", "seed", "min_images_per_class"],
-    "augment": ["train", "tta", "tta_views"],
+    "augment": ["preset", "train", "tta", "tta_views"],
     "evaluate": ["robustness"],
     "input": ["pipeline", "image_size", "batch_size", "workers"],
     "model": ["backbone", "weights", "head"],
@@ -46,7 +46,17 @@ scalars = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=20),
     st.sampled_from(
-        ["gs://bucket/x", "gs:/b", "s3://b/k", "imagenet", "cosine", "tf_data", "..", ""]
+        [
+            "gs://bucket/x",
+            "gs:/b",
+            "s3://b/k",
+            "imagenet",
+            "cosine",
+            "tf_data",
+            "..",
+            "",
+            "uncropped",
+        ]
     ),
 )
 values = st.recursive(

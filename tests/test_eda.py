@@ -1,4 +1,4 @@
-"""The EDA report: five PNG figures and one self-contained, escaped HTML page."""
+"""The EDA report: PNG figures (one per augmentation preset too), one self-contained HTML page."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from carclassifier.config import AUGMENT_PRESETS
 from carclassifier.data import Finding, ValidationReport, load_dataset, validate_dataset
 from carclassifier.eda import FIGURES, MAX_FINDING_ROWS, render_html, write_eda_report
 
@@ -82,7 +83,7 @@ def test_writes_all_figures_and_the_page(built: tuple[Path, Path, ValidationRepo
 
 def test_page_is_self_contained(built: tuple[Path, Path, ValidationReport]) -> None:
     page = built[1].read_text(encoding="utf-8")
-    assert page.count("data:image/png;base64,") == len(FIGURES) == 5
+    assert page.count("data:image/png;base64,") == len(FIGURES) == 5 + len(AUGMENT_PRESETS)
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.IGNORECASE)
     assert "<script" not in page.lower() and "<link" not in page.lower()
 
@@ -119,3 +120,19 @@ def test_findings_are_capped(built: tuple[Path, Path, ValidationReport]) -> None
     assert len(rows) == MAX_FINDING_ROWS + 1  # + the header row
     assert f"and {250 - MAX_FINDING_ROWS} more findings" in page
     assert "x/000&lt;b&gt;.jpg" in page and "<b>.jpg" not in page and "mode L &amp; co" in page
+
+
+def test_one_figure_per_augmentation_preset_on_the_same_photos(
+    built: tuple[Path, Path, ValidationReport],
+) -> None:
+    out, page, _ = built
+    text = page.read_text(encoding="utf-8")
+    for name in AUGMENT_PRESETS:
+        assert (out / f"augmentations_{name}.png").stat().st_size > 5_000, name
+        assert f"The same images through augment.preset {name}: " in text
+    with (
+        Image.open(out / "augmentations_cropped.png") as a,
+        Image.open(out / "augmentations_uncropped.png") as b,
+    ):
+        assert a.size == b.size  # same photos and views, so the same grid
+        assert not np.array_equal(np.asarray(a), np.asarray(b))  # different augmentation

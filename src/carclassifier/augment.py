@@ -1,7 +1,8 @@
 """albumentations pipelines built from config: training augmentation, validation and TTA.
 
-A transform in config is one mapping ``{ClassName: {params}}`` naming an albumentations class;
-``OneOf``/``SomeOf``/``Sequential`` take nested ``transforms``. Size parameters left out
+A transform in config is one mapping ``{ClassName: {params}}`` naming an albumentations class
+or one of this module's own (`CUSTOM_TRANSFORMS`: `ZoomOut`); ``OneOf``/``SomeOf``/``Sequential``
+take nested ``transforms``. Size parameters left out
 (``size`` of RandomResizedCrop, ``height``/``width`` of Resize) are filled with the run's image
 size. Every pipeline ends at exactly ``image_size x image_size`` and yields uint8 RGB; pixel
 normalization belongs to the backbone and happens inside the model.
@@ -16,9 +17,11 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import albumentations as A
+import cv2
+import numpy as np
 from albumentations.core.composition import BaseCompose
 from pydantic import ValidationError
 
@@ -26,12 +29,81 @@ from carclassifier.config import MAX_SEED, AugmentConfig, RunConfig, TransformSp
 from carclassifier.errors import ConfigError, one_line
 
 
+class ZoomOut(A.ImageOnlyTransform):
+    """The photo shrunk to a side fraction drawn from ``scale_range`` and placed in a frame of
+    its own size, in the centre (``position="centre"``) or at a random place (``"random"``);
+    the frame is the shrunk photo's reflection (reflect-101 border, repeated where the margin
+    is wider than the photo) blurred with sigma = ``sigma`` x the longer side, a plausible
+    background without a hard edge or a mirrored sharp car.
+
+    The robustness report's ``zoom_out`` shift is this transform at one fraction, centred; the
+    ``uncropped`` augmentation preset uses it at random fractions and places.
+    """
+
+    def __init__(
+        self,
+        scale_range: tuple[float, float] = (0.5, 1.0),
+        position: Literal["centre", "random"] = "random",
+        sigma: float = 0.04,
+        p: float = 0.5,
+    ) -> None:
+        super().__init__(p=p)
+        low, high = (float(v) for v in scale_range)
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"ZoomOut scale_range must be 0 < low <= high <= 1, got {scale_range}")
+        if position not in ("centre", "random"):
+            raise ValueError(f"ZoomOut position must be 'centre' or 'random', got {position!r}")
+        if sigma < 0:
+            raise ValueError(f"ZoomOut sigma must be >= 0 (a share of the side), got {sigma}")
+        self.scale_range, self.position, self.sigma = (low, high), position, float(sigma)
+
+    def get_params(self) -> dict[str, float]:
+        """The side fraction and, for a random position, where the photo goes (0-1 each way)."""
+        fraction = self.py_random.uniform(*self.scale_range)
+        if self.position == "centre":
+            return {"fraction": fraction, "x": -1.0, "y": -1.0}
+        return {"fraction": fraction, "x": self.py_random.random(), "y": self.py_random.random()}
+
+    def apply(
+        self,
+        img: np.ndarray,
+        fraction: float = 1.0,
+        x: float = -1.0,
+        y: float = -1.0,
+        **params: Any,
+    ) -> np.ndarray:
+        height, width = img.shape[:2]
+        small_h, small_w = max(1, round(height * fraction)), max(1, round(width * fraction))
+        if (small_h, small_w) == (height, width):
+            return img
+        small = cv2.resize(img, (small_w, small_h), interpolation=cv2.INTER_AREA)
+        if x < 0:  # centred
+            top, left = (height - small_h) // 2, (width - small_w) // 2
+        else:
+            top, left = round(y * (height - small_h)), round(x * (width - small_w))
+        framed = cv2.copyMakeBorder(
+            small, top, height - small_h - top, left, width - small_w - left, cv2.BORDER_REFLECT_101
+        )
+        sigma = self.sigma * max(height, width)
+        background = cv2.GaussianBlur(framed, (0, 0), sigma) if sigma > 0 else framed
+        background[top : top + small_h, left : left + small_w] = small
+        return background
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("scale_range", "position", "sigma")
+
+
+CUSTOM_TRANSFORMS: dict[str, type] = {"ZoomOut": ZoomOut}
+"""Transforms of this project that a config may name besides albumentations' own."""
+
+
 def _transform_class(name: str) -> type:
-    cls = getattr(A, name, None)
+    cls = CUSTOM_TRANSFORMS.get(name) or getattr(A, name, None)
     if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform | BaseCompose)):
         raise ConfigError(
             f"augment: {name!r} is not an albumentations transform "
-            f"(albumentations {A.__version__}; see its docs for names like HorizontalFlip)"
+            f"(albumentations {A.__version__}; see its docs for names like HorizontalFlip) "
+            f"nor one of carclassifier's own {sorted(CUSTOM_TRANSFORMS)}"
         )
     return cls
 

@@ -8,6 +8,7 @@ is the only way the CLI, the components and the tests build a `RunConfig`.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -188,7 +189,9 @@ class DataConfig(_Section):
         return value
 
 
-def _default_train_transforms() -> list[TransformSpec]:
+def _cropped_train_transforms() -> list[TransformSpec]:
+    """Preset ``cropped``: for tightly cropped photos like the demo data's (the recipe's
+    augmentation as it always was: mild crops, flip, affine, colour, blur/noise, small holes)."""
     return [
         {"RandomResizedCrop": {"scale": [0.6, 1.0], "ratio": [0.75, 1.333]}},
         {"HorizontalFlip": {"p": 0.5}},
@@ -226,6 +229,68 @@ def _default_train_transforms() -> list[TransformSpec]:
     ]
 
 
+def _uncropped_train_transforms() -> list[TransformSpec]:
+    """Preset ``uncropped``: for models that will see whole photos with the car anywhere in
+    them. ``cropped`` plus framing: crops zoom in further (down to 35 % of the area, often
+    off-centre), `carclassifier.augment.ZoomOut` zooms out (the car at 40-100 % of the side,
+    at a random place, on a blurred reflection of itself), and larger cut-outs occlude up to
+    a third of the side."""
+    return [
+        {"RandomResizedCrop": {"scale": [0.35, 1.0], "ratio": [0.75, 1.333]}},
+        {"ZoomOut": {"scale_range": [0.4, 1.0], "position": "random", "p": 0.5}},
+        {"HorizontalFlip": {"p": 0.5}},
+        {
+            "Affine": {
+                "translate_percent": [-0.06, 0.06],
+                "scale": [0.9, 1.1],
+                "rotate": [-10, 10],
+                "p": 0.5,
+            }
+        },
+        {"RandomBrightnessContrast": {"brightness_limit": 0.2, "contrast_limit": 0.2, "p": 0.5}},
+        {
+            "HueSaturationValue": {
+                "hue_shift_limit": 10,
+                "sat_shift_limit": 20,
+                "val_shift_limit": 10,
+                "p": 0.3,
+            }
+        },
+        {
+            "OneOf": {
+                "transforms": [{"GaussianBlur": {"blur_limit": [3, 5]}}, {"GaussNoise": {}}],
+                "p": 0.2,
+            }
+        },
+        {
+            "CoarseDropout": {
+                "num_holes_range": [1, 2],
+                "hole_height_range": [0.1, 0.35],
+                "hole_width_range": [0.1, 0.35],
+                "p": 0.5,
+            }
+        },
+    ]
+
+
+AUGMENT_PRESETS: dict[str, Callable[[], list[TransformSpec]]] = {
+    "cropped": _cropped_train_transforms,
+    "uncropped": _uncropped_train_transforms,
+}
+"""``augment.preset`` names: each gives a fresh ``augment.train`` list (see its docstring)."""
+DEFAULT_AUGMENT_PRESET = "cropped"
+
+
+def preset_transforms(name: str) -> list[TransformSpec]:
+    """The ``augment.train`` list of preset ``name``; `ConfigError` listing the presets otherwise."""
+    if name not in AUGMENT_PRESETS:
+        raise ConfigError(
+            f"augment.preset {name!r} is not a preset; presets are {sorted(AUGMENT_PRESETS)} "
+            "(or leave preset out and give augment.train)"
+        )
+    return AUGMENT_PRESETS[name]()
+
+
 def _default_tta_transforms() -> list[TransformSpec]:
     """Chosen from the robustness report (docs/robustness.md): with 5 views never worse than
     plain on clean photos, and the largest mean gain under shifts of the candidates measured."""
@@ -237,13 +302,56 @@ def _default_tta_transforms() -> list[TransformSpec]:
 
 
 class AugmentConfig(_Section):
-    """albumentations pipelines: ``train`` (augmented), ``tta`` (mild, for test-time views)."""
+    """albumentations pipelines: ``train`` (augmented), ``tta`` (mild, for test-time views).
 
-    train: list[TransformSpec] = Field(default_factory=_default_train_transforms)
+    ``preset`` names a ready-made ``train`` list (`AUGMENT_PRESETS`): ``cropped`` (the default,
+    the recipe's augmentation for tightly cropped photos) or ``uncropped`` (adds zoom-out,
+    random placement and occlusion). ``train`` is what training uses: the preset's list unless
+    the config gives ``train`` itself (then ``preset`` is None: a custom list). Giving both is allowed only when they agree (as in a
+    dumped config); a ``train`` list that differs from an explicitly named preset is an error,
+    so a recipe never silently ignores one of the two.
+    """
+
+    preset: str | None = Field(
+        None,
+        description="Ready-made training augmentation: cropped (the default when train is not "
+        "given either) or uncropped; null when augment.train is a list of the config's own.",
+    )
+    train: list[TransformSpec] = Field(default_factory=_cropped_train_transforms)
     tta: list[TransformSpec] = Field(default_factory=_default_tta_transforms)
     tta_views: int = Field(
         5, ge=1, le=100, description="Augmented views averaged per image by TTA."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _train_from_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        name, train = data.get("preset"), data.get("train")
+        if name is None:  # no preset named: the default preset's list, or a custom train list
+            if train is None:
+                return {
+                    **data,
+                    "preset": DEFAULT_AUGMENT_PRESET,
+                    "train": preset_transforms(DEFAULT_AUGMENT_PRESET),
+                }
+            return {**data, "preset": None}
+        if not isinstance(name, str) or name not in AUGMENT_PRESETS:
+            raise ValueError(
+                f"preset {name!r} is not a preset; presets are {sorted(AUGMENT_PRESETS)} "
+                "(or leave preset out and give augment.train)"
+            )
+        preset = preset_transforms(name)
+        if train is None:
+            return {**data, "train": preset}
+        if train != preset:
+            raise ValueError(
+                f"train is given and differs from preset {name!r}'s list; give one of the two: "
+                "remove augment.preset (or set augment.preset=null) to use your train list, or "
+                "remove augment.train to use the preset"
+            )
+        return data
 
     @field_validator("train", "tta")
     @classmethod

@@ -22,17 +22,27 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 from carclassifier.augment import train_transform
-from carclassifier.config import PRIMARY_SOURCE, AugmentConfig
+from carclassifier.config import AUGMENT_PRESETS, PRIMARY_SOURCE, AugmentConfig
 from carclassifier.data import SOURCE_COLUMN, Finding, ValidationReport, load_image
 from carclassifier.reports import png_data_uri
 
 log = logging.getLogger(__name__)
 
-FIGURES = ("class_balance", "image_sizes", "aspect_ratios", "samples", "augmentations")
+PRESET_FIGURES = tuple(f"augmentations_{name}" for name in AUGMENT_PRESETS)
+"""One figure per ``augment.preset``: the same sample photos through that preset."""
+FIGURES = (
+    "class_balance", "image_sizes", "aspect_ratios", "samples", "augmentations", *PRESET_FIGURES
+)  # fmt: skip
 MAX_FINDING_ROWS = 200
 MAX_EXCLUDED_ROWS = 200
 THUMB = 160  # longest side of a sample thumbnail, px
 DPI = 100
+
+
+def _first_line(doc: str | None) -> str:
+    """A docstring's text after its ``Preset name:`` lead, on one line."""
+    text = " ".join((doc or "").replace("`", "").split())
+    return text.split(": ", 1)[-1]
 
 
 def _mpl(text: object) -> str:
@@ -266,8 +276,10 @@ def plot_augmentations(
     n_images: int,
     views: int,
     seed: int,
+    title: str = "Training augmentation",
 ) -> Path:
-    """Originals at ``image_size`` next to ``views`` draws of the training augmentation."""
+    """Originals at ``image_size`` next to ``views`` draws of the training augmentation
+    ``augment`` (the same photos for the same ``seed``, whatever ``augment`` is)."""
     usable = report.usable.sample(frac=1.0, random_state=seed)
     # one image per class first, then fill from the rest
     chosen = pd.concat([usable.drop_duplicates("label"), usable]).drop_duplicates("path")
@@ -275,7 +287,7 @@ def plot_augmentations(
     rows, cols = max(len(chosen), 1), 1 + views
     fig = Figure(figsize=(1.6 * cols + 1.6, 1.6 * rows + 0.5), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
-    fig.suptitle("Training augmentation", fontsize=12, x=0.02, ha="left")
+    fig.suptitle(title, fontsize=12, x=0.02, ha="left")
     if chosen.empty:
         for ax in axes.flat:
             _blank(ax)
@@ -546,13 +558,16 @@ def write_eda_report(
     sources: pd.DataFrame | None = None,
     split: pd.DataFrame | None = None,
 ) -> Path:
-    """Write the five EDA figures (PNG) and ``eda.html`` (figures embedded) into ``out_dir``.
+    """Write the EDA figures (`FIGURES`, PNG) and ``eda.html`` (figures embedded) into
+    ``out_dir``.
 
     With extra sources, ``sources`` (`carclassifier.sources.summary`, sources.csv) adds the
     per-source table, and ``split`` (split.csv) the ``sources`` figure: photos per class by source.
 
     ``augment`` defaults to `AugmentConfig()`; the augmentation figure uses
-    ``train_transform(augment, image_size, seed)``. Returns the path of ``eda.html``.
+    ``train_transform(augment, image_size, seed)``, and one figure per augmentation preset
+    (`PRESET_FIGURES`) shows the same photos through that preset's ``train`` list, to compare
+    them. Returns the path of ``eda.html``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -588,9 +603,25 @@ def write_eda_report(
                 seed,
             ),
             f"Each image as training loads it ({size}×{size}) and {views} draws "
-            "of the training augmentation.",
+            "of the training augmentation"
+            + (f" (preset {augment.preset})." if augment and augment.preset else "."),
         ),
     }
+    for name in AUGMENT_PRESETS:
+        figures[f"augmentations_{name}"] = (
+            plot_augmentations(
+                report,
+                out / f"augmentations_{name}.png",
+                AugmentConfig(preset=name),
+                size,
+                augmented_images,
+                views,
+                seed,
+                title=f"Augmentation preset {name}",
+            ),
+            f"The same images through augment.preset {name}: "
+            + _first_line(AUGMENT_PRESETS[name].__doc__),
+        )
     if sources is not None and split is not None:
         figures["sources"] = (
             plot_sources(split, report.dataset.class_names, out / "sources.png"),

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from carclassifier.augment import ZoomOut
 from carclassifier.config import RobustnessConfig
 from carclassifier.data import load_image
 from carclassifier.reports import png_data_uri
@@ -43,36 +44,6 @@ log = logging.getLogger(__name__)
 ECE_BINS = 10
 """Equal-width confidence bins of the expected calibration error and the reliability diagram."""
 DPI = 100
-
-
-class ZoomOut(A.ImageOnlyTransform):
-    """The photo shrunk to ``fraction`` of its side in the centre of a frame of its own size;
-    the frame is the shrunk photo's reflection (``PadIfNeeded``'s reflect-101 border) blurred
-    with ``sigma`` px, a plausible background without a hard edge or a mirrored sharp car."""
-
-    def __init__(self, fraction: float, sigma: float, p: float = 1.0) -> None:
-        super().__init__(p=p)
-        if not 1 / 3 <= fraction <= 1.0:
-            raise ValueError(f"zoom-out fraction must be in [1/3, 1] (reflection), got {fraction}")
-        self.fraction, self.sigma = fraction, sigma
-
-    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
-        height, width = img.shape[:2]
-        small_h, small_w = (
-            max(1, round(height * self.fraction)),
-            max(1, round(width * self.fraction)),
-        )
-        small = cv2.resize(img, (small_w, small_h), interpolation=cv2.INTER_AREA)
-        top, left = (height - small_h) // 2, (width - small_w) // 2
-        framed = cv2.copyMakeBorder(
-            small, top, height - small_h - top, left, width - small_w - left, cv2.BORDER_REFLECT_101
-        )
-        background = cv2.GaussianBlur(framed, (0, 0), self.sigma)
-        background[top : top + small_h, left : left + small_w] = small
-        return background
-
-    def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("fraction", "sigma")
 
 
 def _either_sign(make: Callable[[float], Any], magnitude: float) -> A.OneOf:
@@ -101,7 +72,7 @@ class ShiftKind:
 SHIFTS: dict[str, ShiftKind] = {
     "zoom_out": ShiftKind(
         "car smaller in the frame: side x (1 - 0.6 s), blurred reflected border",
-        lambda s, size: [ZoomOut(1.0 - 0.6 * s, sigma=0.04 * size)],
+        lambda s, size: [ZoomOut((1.0 - 0.6 * s,) * 2, position="centre", sigma=0.04, p=1.0)],
     ),
     "off_centre": ShiftKind(
         "crop of side x (1 - 0.4 s) from a corner, resized back",

@@ -193,7 +193,8 @@ def stage_fingerprint(
         "stage": stage.model_dump(mode="json", exclude={"batch_size"}),
         "image_size": config.stage_image_size(stage),
         "model": config.model.model_dump(mode="json"),
-        "augment": config.augment.model_dump(mode="json"),
+        # the resolved lists; the preset's name only labels them (fingerprints stay as before)
+        "augment": config.augment.model_dump(mode="json", exclude={"preset"}),
         "seed": config.data.seed,
         "steps_per_epoch": config.train.steps_per_epoch,
         "classes": list(prepared.dataset.class_names),
