@@ -4,7 +4,7 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
-CONFIG ?= configs/recipe_lite0_local.yaml
+CONFIG ?= configs/recipe_local.yaml
 RUN_DIR ?= runs/local
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c requirements/lock.txt
 
