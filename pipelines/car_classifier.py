@@ -477,11 +477,15 @@ def run_pipeline_local(
     pipeline_root: str | Path,
     image: str = TRAINER_IMAGE,
     enable_caching: bool = False,
+    options: ClusterOptions | None = None,
     **arguments: object,
 ) -> Path:
     """Run the pipeline with ``kfp.local``'s SubprocessRunner in this environment (every task a
-    subprocess of this Python; images, resources, GPUs and kubernetes settings are ignored,
-    retries honoured). ``arguments`` are pipeline parameters; ``enable_caching`` turns on
+    subprocess of this Python; images, resources, GPUs and kubernetes settings are ignored).
+    Retries are honoured: kfp 2.17.3 reruns a failed task as its ``set_retry`` policy says
+    (``options.retries``, with the backoff; ``kfp/local/orchestrator/task_executor.py``,
+    ``execute_single_task``; tests/test_chaos.py kills tasks and checks it). ``arguments`` are
+    pipeline parameters; ``enable_caching`` turns on
     kfp.local's task cache (under ``pipeline_root/.kfp_cache``; the tasks' caching options
     apply, as on a cluster). Returns the run's folder under ``pipeline_root``: one subfolder
     per executed task with its artifacts and ``executor_output.json``."""
@@ -505,7 +509,7 @@ def run_pipeline_local(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*non-Python base image.*")
             warnings.filterwarnings("ignore", message=r".*no effect in the current local runner.*")
-            build_pipeline(config, image)(**arguments)
+            build_pipeline(config, image, options=options)(**arguments)
     finally:
         local.config.LocalExecutionConfig.instance = None
     (run,) = set(root.glob(f"{name}-*")) - before

@@ -29,6 +29,7 @@ INTEGRATION_MODULES = frozenset(
         "test_serving_contract",  # schemathesis against the real server
         "test_images",  # buildah/podman (also marked image)
         "test_idempotent",  # whole runs twice
+        "test_chaos",  # kfp.local runs with task processes killed
     }
 )
 """Test modules that start processes or servers, or run the pipeline: marked ``integration``."""
@@ -49,6 +50,7 @@ SLOW_TESTS = frozenset(
         "test_cli.py::test_run_local_end_to_end",
         "test_bad_data.py::test_one_epoch_training_on_the_bad_dataset_ends_normally",
         "test_oom.py::test_out_of_memory_names_the_batch_and_keeps_the_checkpoint",
+        "test_chaos.py::test_a_chaos_run_survives_its_faults_with_the_uninterrupted_weights",
     }
 )
 """Tests that train whole stages (10-50 s each on 2 cores, measured): marked ``slow``."""
