@@ -41,13 +41,16 @@ SERVE_MODEL ?= $(RUN_DIR)/export
 SERVE_HOST ?= 127.0.0.1
 SERVE_PORT ?= 8080
 BENCH_ARGS ?=
+CHAOS_FAULTS ?= 12
+CHAOS_SEED ?= 1
+CHAOS_ARGS ?=
 # Serving versions (carclassifier.deploy): where promoted exports are published, which to roll back to
 SERVING_ROOT ?=
 VERSION ?=
 LINT_PATHS := src tests benchmarks components pipelines docker
 
 .PHONY: help install install-reference test test-fast lint eda run-local serve bench clean compile \
-	run-pipeline-local submit-pipeline schedule unschedule preflight resume-pipeline image serve-image \
+	run-pipeline-local chaos-run submit-pipeline schedule unschedule preflight resume-pipeline image serve-image \
 	push-image image-test manifests-validate rollback
 
 help:  ## list the targets
@@ -93,6 +96,9 @@ compile: install  ## the recipe's kfp pipeline -> pipelines/compiled/car_classif
 
 run-pipeline-local: install  ## the same pipeline with kfp.local on the local Lite0 recipe
 	$(PY) -m pipelines run-local --config $(CONFIG) --root runs/pipeline-local
+
+chaos-run: install  ## kfp.local pipeline under a seeded schedule of 12 faults, vs an uninterrupted run (~10 min; CHAOS_ARGS=...)
+	$(PY) -m pipelines chaos --faults $(CHAOS_FAULTS) --seed $(CHAOS_SEED) --reference pipeline --root runs/chaos --json benchmarks/results/chaos_run.json $(CHAOS_ARGS)
 
 submit-pipeline: compile  ## upload (a new version only if changed) and start a run on KFP_HOST
 	$(PY) -m pipelines submit --package $(PIPELINE_PACKAGE) $(PARAMS)

@@ -787,7 +787,12 @@ def main_chaos(
         checkpoints = f"gs://{bucket}/runs"
         report = run_chaos(config, root / "kfp", schedule, data_source=data,
                            checkpoint_root=checkpoints)  # fmt: skip
-        summary: dict[str, Any] = {"reference": reference, "weights_equal": None}
+        succeeded = {a["task"] for a in report.attempts if a["exit_status"] == 0}
+        summary: dict[str, Any] = {
+            "reference": reference,
+            "weights_equal": None,
+            "tasks_not_succeeded": [t for t in task_names(config) if t not in succeeded],
+        }
         if report.status == "SUCCESS" and report.run is not None and reference != "none":
             run_key = run_key_of(report.run)
             final = final_model_uri(config, checkpoints, run_key)
@@ -798,6 +803,10 @@ def main_chaos(
                 uninterrupted = run_chaos(config, root / "kfp", FaultSchedule(), data_source=data,
                                           checkpoint_root=f"gs://{bucket}/reference")  # fmt: skip
                 summary["reference_wall_seconds"] = round(time.monotonic() - started, 1)
+                done = {a["task"] for a in uninterrupted.attempts if a["exit_status"] == 0}
+                summary["reference_tasks_not_succeeded"] = [
+                    t for t in task_names(config) if t not in done
+                ]
                 if uninterrupted.status != "SUCCESS":
                     raise ConfigError("the uninterrupted reference run failed: see its log")
                 expected = final_model_uri(config, f"gs://{bucket}/reference", run_key)

@@ -29,7 +29,6 @@ INTEGRATION_MODULES = frozenset(
         "test_serving_contract",  # schemathesis against the real server
         "test_images",  # buildah/podman (also marked image)
         "test_idempotent",  # whole runs twice
-        "test_chaos",  # kfp.local runs with task processes killed
     }
 )
 """Test modules that start processes or servers, or run the pipeline: marked ``integration``."""
