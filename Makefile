@@ -97,7 +97,7 @@ compile: install  ## the recipe's kfp pipeline -> pipelines/compiled/car_classif
 run-pipeline-local: install  ## the same pipeline with kfp.local on the local Lite0 recipe
 	$(PY) -m pipelines run-local --config $(CONFIG) --root runs/pipeline-local
 
-chaos-run: install  ## kfp.local pipeline under a seeded schedule of 12 faults, vs an uninterrupted run (~10 min; CHAOS_ARGS=...)
+chaos-run: install  ## kfp.local pipeline under a seeded schedule of 12 faults, vs an uninterrupted run (~5 min on 2 cores; CHAOS_ARGS=...)
 	$(PY) -m pipelines chaos --faults $(CHAOS_FAULTS) --seed $(CHAOS_SEED) --reference pipeline --root runs/chaos --json benchmarks/results/chaos_run.json $(CHAOS_ARGS)
 
 submit-pipeline: compile  ## upload (a new version only if changed) and start a run on KFP_HOST

@@ -82,6 +82,11 @@ def chaos(args: argparse.Namespace) -> int:
     print(f"status {report.status} in {report.wall_seconds:.0f}s; reference: {summary}")
     for key, row in counts.items():
         print(f"  {key:16} " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    skipped = set(summary.get("tasks_not_succeeded", [])) - set(
+        summary.get("reference_tasks_not_succeeded", summary.get("tasks_not_succeeded", []))
+    )
+    if skipped:
+        print(f"warning: the uninterrupted run ran {sorted(skipped)}, this run did not")
     ok = (
         report.status == "SUCCESS"
         and len(report.injected) == len(report.survived)
