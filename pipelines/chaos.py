@@ -25,11 +25,13 @@ Fault kinds: ``sigkill`` (SIGKILL to the task's process group) and ``sigterm`` (
 SIGKILL to whatever is left after ``grace_seconds``, Kubernetes' termination grace period).
 Triggers: ``after_seconds`` into the attempt, a line of the task's output (``on_line``, a
 regex; the stages log one per mid-epoch checkpoint, so ``<stage> epoch E step S/`` is a point
-in training, ``<stage> epoch E/`` its end) plus ``delay_seconds``, or an upload whose object name matches ``on_upload``.
+in training, ``<stage> epoch E/`` its end) plus ``delay_seconds``, or an upload whose object
+name matches ``on_upload``.
 
-Not the real backend: no pods, images, node pools or pod rescheduling; SIGTERM goes to every
-process of the task's group (Kubernetes sends it to the container's PID 1); a time or line
-trigger that comes after its attempt ended is reported as *missed*, not injected.
+Not the real backend: no pods, images, node pools or pod rescheduling; SIGTERM goes to the
+component's Python process (as Kubernetes sends it to the container's main process), SIGKILL to
+the whole group; a time or line trigger that comes after its attempt ended is reported as
+*missed*, not injected. docs/reliability.md (fault 8) has the figures of ``make chaos-run``.
 """
 
 from __future__ import annotations
