@@ -119,6 +119,36 @@ def test_the_gate_leaves_a_pointer_that_already_names_the_export(tmp_path):
     assert "already the champion" in (tmp_path / "decision.md").read_text()
 
 
+def test_a_retried_gate_that_promoted_still_lets_the_deploy_run(tmp_path):
+    """The defect the chaos run found (docs/reliability.md, fault 8): a gate killed after its
+    pointer write is retried. The pointer names the export *and this run's key*, and the run
+    has no deploy.json yet, so the answer is "promoted" again; once deployed, or when another
+    run put the export there, it is "already the champion"."""
+    artifact = tmp_path / "dataset"
+    steps.prepare_step(_recipe(), [], str(tiny_dataset(tmp_path / "cars")), str(artifact))
+    pointer, root = tmp_path / "champion.json", tmp_path / "ckpt"
+
+    def gate(run_key: str, promoted_by: str) -> dict:
+        pointer.write_text(
+            json.dumps({"export": "gs://b/x", "val_accuracy": 0.5, "run_key": promoted_by})
+        )
+        return steps.gate_step(
+            str(artifact), "gs://b/x", str(pointer), 0.0, str(root), str(tmp_path / "g.md"), run_key
+        )
+
+    again = gate("k1", promoted_by="k1")
+    assert again["promoted"] is True and "earlier attempt of this run" in again["reason"]
+    assert gate("k1", promoted_by="k0")["promoted"] is False  # another run's champion
+    config = artifacts.load_dataset_artifact(str(artifact))[0]
+    folder = Path(artifacts.run_dir(str(root), "k1", config))
+    (folder / artifacts.DEPLOY_RECORD).write_text("{}")
+    deployed = gate("k1", promoted_by="k1")
+    assert (
+        deployed["promoted"] is False
+        and deployed["reason"] == "this export is already the champion"
+    )
+
+
 def test_a_stage_task_refuses_to_start_when_the_gpu_budget_is_spent(tmp_path):
     """train_stage_step checks the run's GPU hours (carclassifier.budget) before training."""
     from carclassifier.artifacts import run_dir

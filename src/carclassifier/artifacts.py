@@ -59,6 +59,8 @@ SCRATCH_ENV = "CARCLASSIFIER_SCRATCH"
 """Where reading steps unpack the image shards (default: the system temp folder)."""
 CHAMPION_FILE = "champion.json"
 """The champion pointer's name under the checkpoint root (when the gate is given none)."""
+DEPLOY_RECORD = "deploy.json"
+"""The deploy step's record in the run folder (version, uri, export, rolled_out)."""
 EXPORT_DIR = "export"
 SUBMISSION_FILE = "submission.csv"
 

@@ -200,9 +200,12 @@ def champion_challenger(
     significance: float = 0.05,
     max_recall_drop: float = 0.05,
     formats_tolerance: float = 1e-4,
+    promoted_by: str = "",
 ) -> GateDecision:
     """Compare the challenger export with the current champion on ``frame`` (columns path,
-    label) and promote the challenger (rewrite the pointer) as the module docstring says."""
+    label) and promote the challenger (rewrite the pointer) as the module docstring says; a
+    non-empty ``promoted_by`` (the run key) is written into the pointer as ``run_key``, so a
+    retried gate of that run can tell its own promotion from a champion it found."""
     paths = [str(Path(root) / p) for p in frame["path"]]
     labels = frame["label"].to_numpy()
     num = len(class_names)
@@ -244,7 +247,7 @@ def champion_challenger(
             "export": challenger_export,
             "val_accuracy": challenger.accuracy,
             "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
+        } | ({"run_key": promoted_by} if promoted_by else {})
         storage.write_text(champion_pointer, json.dumps(pointer, indent=2))
     log.info("gate: %s (%s)", "PROMOTED" if decision.promoted else "kept champion", decision.reason)
     return decision

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from carclassifier import storage
+from carclassifier.artifacts import DEPLOY_RECORD
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def collect(
     evaluation = _json(storage.join(run_dir, "evaluation", "metrics.json")) or {}
     summary.val_accuracy = evaluation.get("accuracy")
     summary.gate = _json(storage.join(run_dir, "gate.json"))
-    deployed = _json(storage.join(run_dir, "deploy.json"))
+    deployed = _json(storage.join(run_dir, DEPLOY_RECORD))
     summary.deployed_version = None if deployed is None else int(deployed["version"])
     minutes = sum(gpu_minutes(stage) for stage in summary.stages.values())
     summary.gpu_hours = round(minutes / 60 * gpus_per_task, 3)

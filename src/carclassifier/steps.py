@@ -29,6 +29,7 @@ from carclassifier.artifacts import (
     CHAMPION_FILE,
     CONFIG_FILE,
     DATA_DIR,
+    DEPLOY_RECORD,
     EXCLUDED_FILE,
     EXPORT_DIR,
     MANIFEST,
@@ -502,7 +503,10 @@ def gate_step(
     (`carclassifier.gate.champion_challenger`); ``champion_pointer`` "" means
     ``<checkpoint_root>/champion.json``. When the pointer already names ``export_uri`` (a
     retried gate, or a rerun of the same recipe and data, which exports to the same place)
-    nothing is compared or rewritten. Writes the decision as an HTML page to ``report_html``
+    nothing is compared or rewritten, and the answer is "promoted" only when this run's own
+    gate moved the pointer there (its ``run_key`` in it) and the run has not deployed yet (no
+    ``deploy.json``): a gate killed after its pointer write, then retried, still lets the
+    deploy step run; a rerun after a deployment keeps the champion. Writes the decision as an HTML page to ``report_html``
     (and, with ``run_key``, as ``gate.json`` in the run folder) and returns it (``promoted``,
     accuracies, ``reason``, ``pointer``, UI ``metrics``)."""
     from carclassifier.gate import champion_challenger
@@ -513,20 +517,25 @@ def gate_step(
     current = json.loads(text) if text else {}
     val = prepared.subset("val")
     disagreements: list[tuple[Path, int, int, int]] = []
+    folder = run_dir(checkpoint_root, run_key, config) if run_key else ""
     if current.get("export") == export_uri:
         accuracy = current.get("val_accuracy")
+        ours = bool(run_key) and current.get("run_key") == run_key
+        undeployed = ours and not storage.exists(storage.join(folder, DEPLOY_RECORD))
         decision: dict[str, Any] = {
             "challenger": export_uri, "challenger_accuracy": accuracy,
             "champion": export_uri, "champion_accuracy": accuracy,
-            "promoted": False, "reason": "this export is already the champion",
+            "promoted": undeployed,
+            "reason": "promoted by an earlier attempt of this run, not deployed yet"
+            if undeployed else "this export is already the champion",
         }  # fmt: skip
-        log.info("gate: %s is already the champion", export_uri)
+        log.info("gate: %s is already the champion (%s)", export_uri, decision["reason"])
     else:
         result = champion_challenger(
             export_uri, prepared.dataset.root, val, prepared.dataset.class_names, pointer,
             min_improvement, batch_size=config.input.batch_size,
             significance=config.gate.significance, max_recall_drop=config.gate.max_recall_drop,
-            formats_tolerance=config.gate.formats_tolerance,
+            formats_tolerance=config.gate.formats_tolerance, promoted_by=run_key,
         )  # fmt: skip
         decision = result.as_dict()
         if result.champion is not None:
@@ -550,7 +559,6 @@ def gate_step(
         encoding="utf-8",
     )
     if run_key:
-        folder = run_dir(checkpoint_root, run_key, config)
         storage.write_text(storage.join(folder, "gate.json"), json.dumps(decision, indent=2))
     return decision
 
@@ -577,7 +585,7 @@ def deploy_step(
 
     config, prepared, manifest = load_dataset_artifact(dataset_dir)
     root = serving_root or storage.join(checkpoint_root or config.output_dir, SERVING_DIR)
-    record = storage.join(run_dir(checkpoint_root, run_key, config), "deploy.json")
+    record = storage.join(run_dir(checkpoint_root, run_key, config), DEPLOY_RECORD)
     done_before = json.loads(storage.read_text(record) or "null")
     if (
         done_before
