@@ -1,7 +1,9 @@
-"""Augmentation presets side by side on the demo data: validation accuracy and the robustness
-report (zoom-out, off-centre, occlusion, ...) of the same short recipe trained with each preset.
+"""Augmentation presets (and backbones) side by side on the demo data: validation accuracy and
+the robustness report (zoom-out, off-centre, occlusion, ...) of the same short recipe trained
+with each preset on each backbone.
 
-Each preset (``augment.preset``: `carclassifier.config.AUGMENT_PRESETS`) trains Lite0 with the
+Each preset (``augment.preset``: `carclassifier.config.AUGMENT_PRESETS`) trains each
+``--backbones`` (default Lite0) with the
 harness of `benchmarks.backbones` (``configs/recipe_lite0_local.yaml``'s data, input and head
 settings; ``stage_1`` head only, then ``stage_2`` all layers, one image size), on one split
 prepared once; only the training augmentation differs. The final model is then evaluated with
@@ -10,6 +12,8 @@ strengths 0.5 and 1, on all validation photos, seed 0).
 
     python -m benchmarks.augment_presets                  # cropped, uncropped: 2 + 1 epochs, 224 px
     python -m benchmarks.augment_presets --head-epochs 1 --full-epochs 0 --image-size 64 --out x
+    python -m benchmarks.augment_presets --full-epochs 3 --out backbones_presets \
+        --backbones efficientnet_lite0 efficientnet_lite1 efficientnet_lite2
 
 Writes benchmarks/results/<out>.json and .md (default ``augment_presets``); the runs go under
 ``--runs`` (default runs/bench-augment-presets, replaced).
@@ -43,24 +47,34 @@ FRAMING = ("zoom_out", "off_centre", "occlusion")
 
 
 def preset_recipe(
-    preset: str, image_size: int, head_epochs: int, full_epochs: int, tta_views: int
+    preset: str,
+    image_size: int,
+    head_epochs: int,
+    full_epochs: int,
+    tta_views: int,
+    backbone: str = BACKBONE,
 ) -> RunConfig:
-    """`benchmarks.backbones.recipe` for Lite0 with ``augment.preset`` = ``preset`` and the
-    robustness report on every validation photo at strengths 0.5 and 1."""
-    data = recipe(BACKBONE, image_size, head_epochs, full_epochs).model_dump(mode="json")
-    data["name"] = f"bench-augment-{preset}"
+    """`benchmarks.backbones.recipe` for ``backbone`` with ``augment.preset`` = ``preset`` and
+    the robustness report on every validation photo at strengths 0.5 and 1."""
+    data = recipe(backbone, image_size, head_epochs, full_epochs).model_dump(mode="json")
+    data["name"] = f"bench-augment-{backbone}-{preset}"
     data["augment"] = {"preset": preset, "tta": data["augment"]["tta"], "tta_views": tta_views}
     data["evaluate"]["robustness"].update(strengths=[0.5, 1.0], max_photos=100_000, seed=0)
     return RunConfig.model_validate(data)
 
 
 def measure(
-    preset: str, prepared: PreparedData, runs: Path, args: argparse.Namespace
+    preset: str,
+    prepared: PreparedData,
+    runs: Path,
+    args: argparse.Namespace,
+    backbone: str = BACKBONE,
 ) -> dict[str, Any]:
-    """Train with ``preset``, evaluate with the robustness report; the figures of one row."""
+    """Train ``backbone`` with ``preset``, evaluate with the robustness report; one row."""
     config = preset_recipe(
-        preset, args.image_size, args.head_epochs, args.full_epochs, args.tta_views
+        preset, args.image_size, args.head_epochs, args.full_epochs, args.tta_views, backbone
     )
+    runs = runs / backbone
     started = time.perf_counter()
     results = train_recipe(config, prepared, str(runs / preset))
     minutes = (time.perf_counter() - started) / 60
@@ -82,6 +96,7 @@ def measure(
         f"{row['shift']}_{round(row['strength'] * 100)}": round(row["accuracy"], 4) for row in table
     }
     return {
+        "backbone": backbone,
         "preset": preset,
         "train": config.augment.train,
         "stages": {
@@ -104,7 +119,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
     lines = [
         f"# Augmentation presets on the demo data ({env['processor']}, {env['cpu_count']} CPUs)",
         "",
-        f"`benchmarks/augment_presets.py` on {env['utc']}, commit {env['commit']}: {BACKBONE} at "
+        f"`benchmarks/augment_presets.py` on {env['utc']}, commit {env['commit']}: "
+        f"{', '.join(result['backbones'])} at "
         f"{result['image_size']} px, {result['train_images']} training / {result['val_images']} "
         f"validation images (one split for every preset), stage_1 head only "
         f"{result['head_epochs']} epoch(s) at LR {HEAD_LR:g}, stage_2 all layers "
@@ -113,9 +129,9 @@ def markdown(result: dict[str, Any]) -> list[str]:
         f"those rows. Load average {env['loadavg_1m']} before, "
         f"{result['environment_after']['loadavg_1m']} after (shared machine).",
         "",
-        "| preset | val accuracy | robustness mean | zoom_out 0.5 / 1 | off_centre 0.5 / 1 | "
-        "occlusion 0.5 / 1 | train minutes |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| backbone | preset | val accuracy | robustness mean | zoom_out 0.5 / 1 | "
+        "off_centre 0.5 / 1 | occlusion 0.5 / 1 | train minutes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         acc = r["robustness_by_shift"]
@@ -124,7 +140,8 @@ def markdown(result: dict[str, Any]) -> list[str]:
             for s in FRAMING
         )
         lines.append(
-            f"| {r['preset']} | {r['val_accuracy']:.4f} | {r['robustness_mean']:.4f} | "
+            f"| {r.get('backbone', BACKBONE)} | {r['preset']} | {r['val_accuracy']:.4f} | "
+            f"{r['robustness_mean']:.4f} | "
             f"{framing} | {r['train_minutes']} |"
         )
     names = list(result["rows"][0]["robustness_by_shift"]) if result["rows"] else []
@@ -132,12 +149,16 @@ def markdown(result: dict[str, Any]) -> list[str]:
         "",
         "Accuracy by shift and strength (shift_<strength %>):",
         "",
-        "| preset | " + " | ".join(names) + " |",
-        "|---|" + "---:|" * len(names),
+        "| backbone | preset | " + " | ".join(names) + " |",
+        "|---|---|" + "---:|" * len(names),
     ]
     for r in result["rows"]:
         acc = r["robustness_by_shift"]
-        lines.append(f"| {r['preset']} | " + " | ".join(f"{acc[n]:.3f}" for n in names) + " |")
+        lines.append(
+            f"| {r.get('backbone', BACKBONE)} | {r['preset']} | "
+            + " | ".join(f"{acc[n]:.3f}" for n in names)
+            + " |"
+        )
     return [*lines, ""]
 
 
@@ -145,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark (arguments: ``--help``) and write its results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=list(AUGMENT_PRESETS))
+    parser.add_argument("--backbones", nargs="+", default=[BACKBONE])
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--head-epochs", type=int, default=2)
     parser.add_argument("--full-epochs", type=int, default=1)
@@ -161,13 +183,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = base.model_copy(update={"output_dir": str(args.runs)})
     prepared = validate_and_split(base, args.runs / "prepare", progress=False)
     rows = []
-    for preset in args.presets:
-        row = measure(preset, prepared, args.runs, args)
-        print(row, flush=True)
-        rows.append(row)
+    for backbone in args.backbones:
+        for preset in args.presets:
+            row = measure(preset, prepared, args.runs, args, backbone)
+            print(row, flush=True)
+            rows.append(row)
     result = {
         "benchmark": "augment_presets",
-        "backbone": BACKBONE,
+        "backbones": args.backbones,
         "image_size": args.image_size,
         "head_epochs": args.head_epochs,
         "full_epochs": args.full_epochs,
