@@ -235,33 +235,11 @@ def _uncropped_train_transforms() -> list[TransformSpec]:
     off-centre), `carclassifier.augment.ZoomOut` zooms out (the car at 40-100 % of the side,
     at a random place, on a blurred reflection of itself), and larger cut-outs occlude up to
     a third of the side."""
+    _crop, *middle, _dropout = _cropped_train_transforms()
     return [
         {"RandomResizedCrop": {"scale": [0.35, 1.0], "ratio": [0.75, 1.333]}},
         {"ZoomOut": {"scale_range": [0.4, 1.0], "position": "random", "p": 0.5}},
-        {"HorizontalFlip": {"p": 0.5}},
-        {
-            "Affine": {
-                "translate_percent": [-0.06, 0.06],
-                "scale": [0.9, 1.1],
-                "rotate": [-10, 10],
-                "p": 0.5,
-            }
-        },
-        {"RandomBrightnessContrast": {"brightness_limit": 0.2, "contrast_limit": 0.2, "p": 0.5}},
-        {
-            "HueSaturationValue": {
-                "hue_shift_limit": 10,
-                "sat_shift_limit": 20,
-                "val_shift_limit": 10,
-                "p": 0.3,
-            }
-        },
-        {
-            "OneOf": {
-                "transforms": [{"GaussianBlur": {"blur_limit": [3, 5]}}, {"GaussNoise": {}}],
-                "p": 0.2,
-            }
-        },
+        *middle,
         {
             "CoarseDropout": {
                 "num_holes_range": [1, 2],
