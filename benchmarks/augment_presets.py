@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -34,11 +33,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.backbones import FULL_LR, HEAD_LR, recipe  # noqa: E402
+from benchmarks.backbones import FULL_LR, HEAD_LR, prepare_split, recipe  # noqa: E402
 from benchmarks.common import environment, write_results  # noqa: E402
 from carclassifier.config import AUGMENT_PRESETS, RunConfig  # noqa: E402
 from carclassifier.evaluate import evaluate_classifier  # noqa: E402
-from carclassifier.prepare import PreparedData, validate_and_split  # noqa: E402
+from carclassifier.prepare import PreparedData  # noqa: E402
 from carclassifier.stages import load_model, train_recipe  # noqa: E402
 
 BACKBONE = "efficientnet_lite0"
@@ -175,13 +174,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="augment_presets")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    shutil.rmtree(args.runs, ignore_errors=True)
     env_before = environment()
     base = preset_recipe(
         args.presets[0], args.image_size, args.head_epochs, args.full_epochs, args.tta_views
     )
-    base = base.model_copy(update={"output_dir": str(args.runs)})
-    prepared = validate_and_split(base, args.runs / "prepare", progress=False)
+    prepared = prepare_split(base, args.runs)
     rows = []
     for backbone in args.backbones:
         for preset in args.presets:

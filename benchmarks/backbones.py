@@ -71,6 +71,13 @@ def recipe(backbone: str, image_size: int, head_epochs: int, full_epochs: int) -
     return RunConfig.model_validate(data)
 
 
+def prepare_split(config: RunConfig, runs: Path) -> PreparedData:
+    """An emptied ``runs`` folder and the one split of ``config``'s data every row trains on."""
+    shutil.rmtree(runs, ignore_errors=True)
+    config = config.model_copy(update={"output_dir": str(runs)})
+    return validate_and_split(config, runs / "prepare", progress=False)
+
+
 def corrupted_accuracy(
     model: keras.Model, prepared: PreparedData, image_size: int, seed: int
 ) -> dict[str, float]:
@@ -185,11 +192,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="backbones")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    shutil.rmtree(args.runs, ignore_errors=True)
     env_before = environment()
     base = recipe(args.backbones[0], args.image_size, args.head_epochs, args.full_epochs)
-    base = base.model_copy(update={"output_dir": str(args.runs)})
-    prepared = validate_and_split(base, args.runs / "prepare", progress=False)
+    prepared = prepare_split(base, args.runs)
     rows = []
     for backbone in args.backbones:
         row = measure(
