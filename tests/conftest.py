@@ -135,54 +135,32 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def gcs_emulator():
-    """A real GCS protocol server (gcp-storage-emulator) on 127.0.0.1, in its own process.
+    """A real GCS protocol server (gcp-storage-emulator) on 127.0.0.1, in its own process
+    (`pipelines.chaos.gcs_emulator`, which the chaos run uses too).
 
     Sets STORAGE_EMULATOR_HOST for the session; yields the endpoint URL.
     """
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    from pipelines.chaos import gcs_emulator
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gcp_storage_emulator",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--in-memory",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{endpoint}/storage/v1/b?project=test", timeout=1)
-            break
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                process.kill()
-                raise RuntimeError("gcp-storage-emulator did not start") from None
-            time.sleep(0.2)
-    previous = os.environ.get("STORAGE_EMULATOR_HOST")
-    os.environ["STORAGE_EMULATOR_HOST"] = endpoint
-    yield endpoint
-    process.terminate()
-    process.wait(timeout=10)
-    if previous is None:
-        os.environ.pop("STORAGE_EMULATOR_HOST", None)
-    else:
-        os.environ["STORAGE_EMULATOR_HOST"] = previous
+    with gcs_emulator() as endpoint:
+        yield endpoint
+
+
+def write_kubeconfig(path: Path, server: str, token: str = "t") -> Path:
+    """A kubeconfig at ``path`` whose one context names the API server at ``server`` with the
+    bearer ``token``; returns ``path`` (for ``KUBECONFIG``)."""
+    import yaml
+
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": server}}],
+        "users": [{"name": "u", "user": {"token": token}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "c",
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 @pytest.fixture

@@ -30,8 +30,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import tiny_dataset
+from conftest import tiny_dataset, write_kubeconfig
 from test_deploy import _export
 
 from carclassifier import deploy, steps
@@ -93,19 +92,7 @@ class ApiServer:
 def api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ApiServer]:
     """The real kubernetes client, configured by a kubeconfig naming the local server."""
     server = ApiServer()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "c", "cluster": {"server": server.url}}],
-                "users": [{"name": "u", "user": {"token": "t"}}],
-                "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
-                "current-context": "c",
-            }
-        )
-    )
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", server.url)
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     yield server
     server.httpd.shutdown()

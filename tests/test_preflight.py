@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from conftest import write_kubeconfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONVERSATION = json.loads((REPO / "tests/data/preflight_conversation.json").read_text())
@@ -99,19 +99,7 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[tuple[Replay, dict]]:
     server = Replay(copy.deepcopy(CONVERSATION["exchanges"]))
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "gke", "cluster": {"server": server.url}}],
-                "users": [{"name": "me", "user": {"token": "kube-token"}}],
-                "contexts": [{"name": "gke", "context": {"cluster": "gke", "user": "me"}}],
-                "current-context": "gke",
-            }
-        )
-    )
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", server.url, "kube-token")
     yield server, {"KUBECONFIG": str(kubeconfig), "KFP_HOST": server.url}
     server.close()
 
@@ -267,18 +255,7 @@ def test_an_unreachable_kfp_and_cluster_fail_fast(compiled: str, tmp_path: Path)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # nothing listens here
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
-                "users": [{"name": "u", "user": {"token": "t"}}],
-                "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
-                "current-context": "c",
-            }
-        )
-    )
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{port}")
     package = _package(tmp_path, compiled, f"127.0.0.1:{port}/{IMAGE_PATH}:{TAG}")
     environ = {
         "KFP_HOST": f"http://127.0.0.1:{port}",
