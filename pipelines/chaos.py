@@ -53,7 +53,7 @@ from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 from carclassifier.config import RunConfig, load_config
 from carclassifier.errors import ConfigError
@@ -464,6 +464,52 @@ def _object_name(method: str, path: str, body: bytes) -> str | None:
     return found.group(1).decode() if found else ""
 
 
+def forward(
+    handler: BaseHTTPRequestHandler,
+    upstream: SplitResult,
+    body: bytes,
+    timeout: float = 120,
+    upstream_host: bool = True,
+) -> tuple[int, list[tuple[str, str]], bytes] | None:
+    """Send ``handler``'s request (its method, path, headers and ``body``) to ``upstream`` and
+    read the answer: (status, headers, payload), or None when the upstream could not be reached
+    (the handler's connection is then closed). ``upstream_host``: send the upstream's own Host
+    (gcp-storage-emulator writes it into the links it returns: mediaLink, resumable sessions),
+    else the client's, so that the links lead back through the proxy."""
+    conn = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=timeout)
+    drop = ("connection", "host") if upstream_host else ("connection",)
+    headers = {k: v for k, v in handler.headers.items() if k.lower() not in drop}
+    if upstream_host:
+        headers["Host"] = upstream.netloc
+    try:
+        conn.request(handler.command, handler.path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.getheaders(), response.read()
+    except OSError:
+        handler.close_connection = True
+        return None
+    finally:
+        conn.close()
+
+
+def answer(
+    handler: BaseHTTPRequestHandler, status: int, headers: list[tuple[str, str]], payload: bytes
+) -> None:
+    """Send a forwarded answer to ``handler``'s client (hop-by-hop headers left out, the
+    length set again; no body for HEAD; a client that hung up is let go)."""
+    handler.send_response(status)
+    for key, value in headers:
+        if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+            handler.send_header(key, value)
+    handler.send_header("Content-Length", str(len(payload)))
+    handler.end_headers()
+    if handler.command != "HEAD":
+        try:
+            handler.wfile.write(payload)
+        except OSError:
+            pass
+
+
 class UploadTap:
     """A forwarding proxy to the GCS emulator at ``upstream`` that calls ``hook(name)`` before
     forwarding each upload; the request is dropped when the hook returns False. A context
@@ -490,34 +536,10 @@ class UploadTap:
                         self.close_connection = True
                         self.connection.shutdown(2)
                         return
-                conn = http.client.HTTPConnection(
-                    tap.upstream.hostname, tap.upstream.port, timeout=120
-                )
-                # the upstream's own Host: the emulator writes it into the links it returns
-                # (mediaLink, resumable sessions), which later requests follow directly
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("connection", "host")}  # fmt: skip
-                headers["Host"] = tap.upstream.netloc
-                try:
-                    conn.request(self.command, self.path, body=body, headers=headers)
-                    response = conn.getresponse()
-                    payload = response.read()
-                except OSError:
-                    self.close_connection = True
-                    return
-                finally:
-                    conn.close()
-                self.send_response(response.status)
-                for key, value in response.getheaders():
-                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    try:
-                        self.wfile.write(payload)
-                    except OSError:
-                        pass
+                # later requests follow the emulator's links directly, not through the tap
+                reply = forward(self, tap.upstream, body)
+                if reply is not None:
+                    answer(self, *reply)
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from pipelines.chaos import answer, forward
+
 
 @dataclass
 class Rule:
@@ -89,10 +91,10 @@ class FaultProxy:
                     return
                 if rule is not None and rule.action == "delay":
                     time.sleep(rule.delay)
-                answer = rule is None or rule.action != "lost"
+                answered = rule is None or rule.action != "lost"
                 wanted = parse_qs(urlsplit(self.path).query).get("ifGenerationMatch")
                 if not wanted:
-                    self._forward(body, answer)
+                    self._forward(body, answered)
                     return
                 with proxy._precondition_lock:
                     if proxy._generation(self.path, body) != int(wanted[0]):
@@ -100,7 +102,7 @@ class FaultProxy:
                             proxy.seen[-1] = (self.command, self.path, "412")
                         self._reply(412, b'{"error": {"code": 412, "message": "conditionNotMet"}}')
                         return
-                    self._forward(body, answer)
+                    self._forward(body, answered)
 
             def _reply(self, status: int, payload: bytes) -> None:
                 self.send_response(status)
@@ -109,32 +111,16 @@ class FaultProxy:
                 self.end_headers()
                 self.wfile.write(payload)
 
-            def _forward(self, body: bytes, answer: bool = True) -> None:
-                conn = http.client.HTTPConnection(
-                    proxy.upstream.hostname, proxy.upstream.port, timeout=60
-                )
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
-                try:
-                    conn.request(self.command, self.path, body=body, headers=headers)
-                    response = conn.getresponse()
-                    payload = response.read()
-                except OSError:
-                    self.close_connection = True
+            def _forward(self, body: bytes, answered: bool = True) -> None:
+                # the client's Host: the emulator's links lead back through the proxy
+                reply = forward(self, proxy.upstream, body, timeout=60, upstream_host=False)
+                if reply is None:
                     return
-                finally:
-                    conn.close()
-                if not answer:
+                if not answered:
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
-                self.send_response(response.status)
-                for key, value in response.getheaders():
-                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(payload)
+                answer(self, *reply)
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
 
