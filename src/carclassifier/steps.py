@@ -506,9 +506,9 @@ def gate_step(
     nothing is compared or rewritten, and the answer is "promoted" only when this run's own
     gate moved the pointer there (its ``run_key`` in it) and the run has not deployed yet (no
     ``deploy.json``): a gate killed after its pointer write, then retried, still lets the
-    deploy step run; a rerun after a deployment keeps the champion. Writes the decision as an HTML page to ``report_html``
-    (and, with ``run_key``, as ``gate.json`` in the run folder) and returns it (``promoted``,
-    accuracies, ``reason``, ``pointer``, UI ``metrics``)."""
+    deploy step run; a rerun after a deployment keeps the champion. Writes the decision as an
+    HTML page to ``report_html`` (and, with ``run_key``, as ``gate.json`` in the run folder)
+    and returns it (``promoted``, accuracies, ``reason``, ``pointer``, UI ``metrics``)."""
     from carclassifier.gate import champion_challenger
 
     config, prepared, _ = load_dataset_artifact(dataset_dir)
